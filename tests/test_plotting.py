@@ -1,0 +1,48 @@
+"""Plot helpers: shape checks, saved PNGs, live curves that degrade to one static figure."""
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from labkit.plotting import LiveCurves, heatmap, plot_curves, save_figure
+
+matplotlib.use("Agg")
+
+
+def test_heatmap_accepts_tensors_and_checks_labels():
+    fig, ax = plt.subplots()
+    im = heatmap(ax, torch.eye(3), xlabels=list("abc"), ylabels=list("abc"), annotate=True)
+    assert im.get_array().shape == (3, 3)
+    with pytest.raises(ValueError, match="needs a 2-D matrix"):
+        heatmap(ax, np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="2 labels for an axis of length 3"):
+        heatmap(ax, np.zeros((3, 3)), xlabels=["a", "b"])
+
+
+def test_plot_curves_smooths_and_labels():
+    fig, ax = plt.subplots()
+    plot_curves(ax, {"a": (range(10), np.arange(10.0)), "b": (range(10), np.ones(10))}, smooth=3,
+                logy=True)
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert labels == ["a", "b"] and ax.get_yscale() == "log"
+
+
+def test_save_figure_writes_png(tmp_path):
+    fig, ax = plt.subplots()
+    path = save_figure(fig, tmp_path / "a" / "b.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_live_curves_in_batch_keep_history_and_draw_once(monkeypatch):
+    monkeypatch.setenv("LABKIT_BATCH", "1")
+    live = LiveCurves(panels={"loss": ["loss", "val_loss"], "lr": ["lr"]}, title="t")
+    assert not live.live
+    for step in range(5):
+        live.update(step, loss=1.0 / (step + 1), lr=1e-3, val_loss=None if step % 2 else 0.5)
+    fig = live.close()
+    assert live.history["loss"][0] == [0, 1, 2, 3, 4]
+    assert live.history["val_loss"][0] == [0, 2, 4]
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2, 1]
+    with pytest.raises(ValueError, match="needs metrics"):
+        LiveCurves()

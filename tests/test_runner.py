@@ -1,0 +1,39 @@
+"""`make run`'s runner: executed copies + a summary, failures reported, notebooks never overwritten."""
+import json
+
+import nbformat
+import pytest
+
+from labkit import runner
+
+
+def write_notebook(path, source):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('PROFILE = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(source)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_run_writes_executed_copies_and_summary(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    write_notebook(nbs / "good.ipynb", "assert PROFILE == 'smoke'\nprint('ran', PROFILE)")
+    write_notebook(nbs / "bad.ipynb", "raise ValueError('broken on purpose')")
+    out = tmp_path / "out"
+    code = runner.main(["--profile", "smoke", "--out", str(out), "--kernel", "python3",
+                        str(nbs / "good.ipynb"), str(nbs / "bad.ipynb")])
+    assert code == 1, "a failing notebook makes the run fail"
+    summary = {r["notebook"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert summary["good.ipynb"]["passed"] and not summary["bad.ipynb"]["passed"]
+    assert "broken on purpose" in summary["bad.ipynb"]["error"]
+    assert "ran smoke" in (out / "good.ipynb").read_text()
+    assert "| bad.ipynb | smoke |" in (out / "summary.md").read_text()
+    assert "ran smoke" not in (nbs / "good.ipynb").read_text(), "sources are never overwritten"
+
+
+def test_run_refuses_to_write_over_the_notebooks(tmp_path):
+    write_notebook(tmp_path / "a.ipynb", "1")
+    with pytest.raises(SystemExit):
+        runner.main(["--out", str(tmp_path), str(tmp_path / "a.ipynb")])
