@@ -296,8 +296,8 @@ def split_play(text: str, val_fraction: float = VAL_FRACTION) -> tuple[str, str]
     """Hold out the last ``val_fraction`` of a play, cut at the blank line before that point
     so no speech is split between train and val.
 
-    >>> split_play("a\n\nb\n\nc\n\nd\n", 0.3)
-    ('a\n\nb\n', 'c\n\nd\n')
+    >>> split_play("a\\n\\nb\\n\\nc\\n\\nd\\n", 0.3)
+    ('a\\n\\nb\\n', 'c\\n\\nd\\n')
     """
     target = int(len(text) * (1 - val_fraction))
     cut = text.rfind("\n\n", 0, target)

@@ -1,8 +1,8 @@
 """Load a pretrained causal LM + tokenizer: the embedded SmolLM2, a local directory, or a hub id.
 
-    >>> model, tok = load_model()                            # doctest: +SKIP  (embedded, offline)
-    >>> model, tok = load_model("Qwen/Qwen2.5-0.5B")         # doctest: +SKIP  (needs hub access)
-    >>> model, tok = load_model("Qwen/Qwen2.5-7B", quantize="nf4")   # doctest: +SKIP  (16 GB GPU)
+    model, tok = load_model()                                 # embedded SmolLM2, offline
+    model, tok = load_model("Qwen/Qwen2.5-0.5B")              # any hub id (needs hub access once)
+    model, tok = load_model("Qwen/Qwen2.5-7B", quantize="nf4")  # 4-bit: fits a 16 GB GPU
 
 Attention defaults to the ``eager`` implementation so ``output_attentions=True`` returns
 the weights (SDPA never materialises them); pass ``attn_implementation="sdpa"`` for speed.
@@ -87,6 +87,10 @@ def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: s
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map={"": str(dev)})
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if local:  # a local load takes < 1 s: its progress bar is only noise in a notebook
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -102,6 +106,9 @@ def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: s
             f"Fix: check the id on huggingface.co; download it once where the hub is reachable "
             f"(`hf download {name}`, then it loads from the HF cache), pass a local directory, or "
             f"use the embedded {DEFAULT_MODEL!r} which needs no network.") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if qconfig is None:
         model.to(dev)
     model.eval()

@@ -1,9 +1,9 @@
 """One look for every figure in the lab: a seaborn theme, heatmaps, curves, live curves.
 
-    >>> fig, ax = plt.subplots()                                   # doctest: +SKIP
-    >>> heatmap(ax, weights, xlabels=tokens, ylabels=tokens, title="Who attends to whom?")
-    >>> plot_curves(ax, {"train": (steps, loss)}, xlabel="step", ylabel="loss (nats)")
-    >>> lab.save_figure(fig, "attention")                          # figures/<notebook>/attention.png
+    fig, ax = plt.subplots()
+    heatmap(ax, weights, xlabels=tokens, ylabels=tokens, title="Who attends to whom?")
+    plot_curves(ax, {"train": (steps, loss)}, xlabel="step", ylabel="loss (nats)")
+    lab.save_figure(fig, "attention")                     # figures/<notebook>/attention.png
 
 Figures answer one question each: put the question in the title and units on the axes.
 """
@@ -111,21 +111,22 @@ def in_batch_run() -> bool:
 class LiveCurves:
     """Training curves that redraw while a loop runs in JupyterLab; one static plot in batch runs.
 
-    >>> live = LiveCurves(["loss", "lr"], title="Is it learning?")   # doctest: +SKIP
-    >>> for step in range(100):                                      # doctest: +SKIP
-    ...     live.update(step, loss=..., lr=...)                      # redraws at most every 0.5 s
-    >>> fig = live.close()                                           # the final figure
+    live = LiveCurves(["loss", "lr"], title="Is it learning?")
+    for step in range(100):
+        live.update(step, loss=loss, lr=lr)     # redraws at most every 0.5 s
+    fig = live.close()                          # the final figure
 
     Each metric gets its own panel; a metric updated only sometimes (e.g. ``val_loss``)
     can share a panel with another by passing ``panels={"loss": ["loss", "val_loss"]}``.
     """
 
     def __init__(self, metrics: list[str] | None = None, panels: dict[str, list[str]] | None = None,
-                 title: str = "", every_seconds: float = 0.5, live: bool | None = None):
+                 title: str = "", xlabel: str = "step", every_seconds: float = 0.5,
+                 live: bool | None = None):
         self.panels = panels or {m: [m] for m in (metrics or [])}
         if not self.panels:
             raise ValueError("LiveCurves needs metrics=[...] or panels={...}")
-        self.title = title
+        self.title, self.xlabel = title, xlabel
         self.every_seconds = every_seconds
         self.live = (not in_batch_run()) if live is None else live
         self.history: dict[str, tuple[list, list]] = {}
@@ -150,7 +151,7 @@ class LiveCurves:
         for panel, ax in self.axes.items():
             ax.clear()
             curves = {m: self.history[m] for m in self.panels[panel] if m in self.history}
-            plot_curves(ax, curves, xlabel="step", title=panel)
+            plot_curves(ax, curves, xlabel=self.xlabel, title=panel)
         if self.title:
             self.fig.suptitle(self.title, fontweight="bold")
         self.fig.tight_layout()

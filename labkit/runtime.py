@@ -2,11 +2,10 @@
 
 Every notebook starts with one call::
 
-    >>> lab = labkit.setup("01_tokenization", profile=PROFILE, seed=0)   # doctest: +SKIP
-    [labkit] 01_tokenization | profile=full | device=cpu | threads=2 (measured) | seed=0
-    >>> lab.pick(smoke=200, full=5_000)       # sizes that differ between profiles
-    5000
-    >>> lab.save_figure(fig, "compression")   # -> figures/01_tokenization/compression.png
+    lab = labkit.setup("01_tokenization", profile=PROFILE, seed=0)
+    # prints: [labkit] 01_tokenization | profile=full | device=cpu | threads=2 (measured) | seed=0
+    n_merges = lab.pick(smoke=200, full=5_000)    # sizes that differ between profiles -> 5000
+    lab.save_figure(fig, "compression")           # -> figures/01_tokenization/compression.png
 
 Two profiles exist. ``full`` is what a learner runs (the default); ``smoke`` is what the
 tests run: tiny sizes, few steps, and outputs written under ``build/smoke/`` so a test
@@ -164,10 +163,11 @@ class Lab:
         """The value for this profile: ``lab.pick(smoke=2, full=200)``."""
         return smoke if self.smoke else full
 
-    def save_figure(self, fig, name: str, dpi: int = 110) -> Path:
-        """Save ``fig`` as ``<figures_dir>/<name>.png`` and return the path."""
+    def save_figure(self, fig, name: str, dpi: int = 110) -> None:
+        """Save ``fig`` as ``<figures_dir>/<name>.png`` (returns nothing, so a cell ending with
+        it shows the figure and no path)."""
         from .plotting import save_figure
-        return save_figure(fig, self.figures_dir / f"{name}.png", dpi=dpi)
+        save_figure(fig, self.figures_dir / f"{name}.png", dpi=dpi)
 
     def __str__(self) -> str:
         how = "set by $LABKIT_THREADS" if not self.thread_timings else "measured"
