@@ -12,15 +12,16 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 TEST_ENV := LABKIT_PROFILE=smoke LABKIT_BATCH=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
             MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
 
-.PHONY: help setup assets kernel lab run test test-unit test-notebooks contract clean-smoke
+.PHONY: help setup assets kernel browser lab run test test-unit test-notebooks test-ui contract clean-smoke
 
 help:
 	@echo "make setup   create .venv, install labkit + dependencies, register the kernel, fetch assets"
 	@echo "make lab     open JupyterLab on notebooks/ with the LLM Lab kernel"
 	@echo "make run     execute every notebook (full profile) into build/run/ + summary"
-	@echo "make test    unit tests + every notebook through nbval (smoke profile)"
+	@echo "make test    unit tests + every notebook through nbval (smoke profile) + UI tests"
+	@echo "make test-ui only the JupyterLab-in-Chromium UI tests (screenshots: tests/ui/artifacts/)"
 
-setup: $(VENV)/.installed kernel assets
+setup: $(VENV)/.installed kernel assets browser
 	@$(PY) -m labkit check | tail -n 1
 
 # Re-installs only when pyproject.toml changes: a second `make setup` takes seconds.
@@ -39,17 +40,35 @@ kernel: $(VENV)/.installed
 assets: $(VENV)/.installed
 	$(PY) -m labkit assets fetch
 
+# The UI tests drive Debian's chromium (Playwright's own browser download is not used).
+# Installed with apt where we are root and it is missing; otherwise the UI tests skip.
+browser:
+	@if [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then \
+	  echo "chromium: found (UI tests will run)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium: installing with apt-get (about 1 min)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    && echo "chromium: installed"; \
+	else \
+	  echo "chromium: not found and cannot apt-get it here; the UI tests will skip (install chromium to run them)"; \
+	fi
+
+# Jupyter refuses to run as root unless told; containers often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG)
 
 run: setup
-	LABKIT_BATCH=1 MPLBACKEND=Agg $(PY) -m labkit run --profile full --out build/run $(NOTEBOOKS)
+	$(PY) -m labkit run --profile full --out build/run $(NOTEBOOKS)
 
 test: setup
 	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider --durations=5
 
 test-unit: setup
 	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider
+
+test-ui: setup
+	$(TEST_ENV) $(PY) -m pytest tests/ui -p no:cacheprovider -v
 
 test-notebooks: setup
 	$(TEST_ENV) $(PY) -m pytest notebooks --nbval-lax -p no:cacheprovider --durations=0

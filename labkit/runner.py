@@ -22,14 +22,20 @@ def run_notebooks(paths: list[Path], out: Path, profile: str, kernel: str | None
 
     out.mkdir(parents=True, exist_ok=True)
     os.environ["LABKIT_BATCH"] = "1"        # live plots degrade to one static plot
-    os.environ["LABKIT_PROFILE"] = profile  # for notebooks that do not take the parameter
+    # The profile goes through the environment, not a papermill parameter: a parameter would
+    # inject a `PROFILE = "full"` cell into the executed copy, and a copy committed with it
+    # would then ignore $LABKIT_PROFILE and run the full profile under `make test`.
+    os.environ["LABKIT_PROFILE"] = profile
+    # Executed copies are for reading: figures must be embedded, which needs the kernel's inline
+    # backend (MPLBACKEND=Agg, as the tests set it, would leave every figure out).
+    os.environ.pop("MPLBACKEND", None)
     results = []
     for path in paths:
         t0 = time.perf_counter()
         error = None
         try:
-            pm.execute_notebook(str(path), str(out / path.name), parameters={"PROFILE": profile},
-                                kernel_name=kernel, cwd=str(path.parent), progress_bar=False)
+            pm.execute_notebook(str(path), str(out / path.name), kernel_name=kernel,
+                                cwd=str(path.parent), progress_bar=False)
         except Exception as err:  # papermill raises PapermillExecutionError with the cell's error
             error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         seconds = time.perf_counter() - t0

@@ -1,0 +1,119 @@
+"""What a learner sees in JupyterLab: the notebook list, Run All, figures, and widgets that respond.
+
+Each test drives a real JupyterLab in headless Chromium (see conftest.py); screenshots land in
+tests/ui/artifacts/. Run these alone with `make test-ui`.
+"""
+import json
+import re
+import time
+
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RUN_ALL_TIMEOUT_S = 240  # smoke budget is 60 s a notebook; the UI and a busy machine add slack
+
+
+def open_notebook(page, jupyter, name: str) -> None:
+    page.goto(jupyter.url(f"/lab/tree/{name}", "reset"))  # reset: no tabs restored from earlier tests
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    wait_kernel_idle(page)
+
+
+def wait_kernel_idle(page, timeout_s: float = 60) -> None:
+    page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]:visible').first.wait_for(
+        timeout=timeout_s * 1000)
+
+
+def run_all(page, timeout_s: float = RUN_ALL_TIMEOUT_S) -> None:
+    """Toolbar ⏩ (restart the kernel and run all cells), confirm, then wait until every code
+    cell has an execution count."""
+    page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:restart-run-all"]').click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        prompts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+        if prompts and all(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts):
+            wait_kernel_idle(page)
+            return
+        time.sleep(1)
+    raise AssertionError(f"Run All did not finish in {timeout_s} s; prompts: {prompts}")
+
+
+def save_and_read(page, jupyter, name: str):
+    """Save from the UI, then read the copy JupyterLab wrote (outputs included)."""
+    page.keyboard.press("Control+s")
+    time.sleep(1.5)
+    return nbformat.read(jupyter.root / name, as_version=4)
+
+
+def error_outputs(nb) -> list[str]:
+    return [f"{o.ename}: {o.evalue}" for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.output_type == "error"]
+
+
+def slider_changes_output(page, output_scope, slider_description: str, timeout_s: float = 30) -> bool:
+    """Press → on a slider; True if its readout moved and the image in ``output_scope`` changed."""
+    slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=slider_description)).first
+    readout = slider.locator(".widget-readout")
+    before_value = readout.inner_text()
+    before_img = output_scope.locator("img").first.get_attribute("src")
+    slider.locator(".noUi-handle").first.focus()
+    page.keyboard.press("ArrowRight")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        imgs = output_scope.locator("img")
+        if readout.inner_text() != before_value and imgs.count() and \
+                imgs.first.get_attribute("src") not in (None, before_img):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_lab_lists_every_curriculum_notebook(page, jupyter):
+    page.goto(jupyter.url("/lab/tree"))
+    page.wait_for_selector(".jp-DirListing-itemText", timeout=60_000)
+    listed = set(page.locator(".jp-DirListing-itemText").all_inner_texts())
+    expected = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert expected and expected <= listed, f"missing from the file browser: {sorted(expected - listed)}"
+
+
+def test_00_runs_all_renders_figures_and_its_sliders_respond(page, jupyter):
+    name = "00_setup_and_tools.ipynb"
+    open_notebook(page, jupyter, name)
+    run_all(page)
+    nb = save_and_read(page, jupyter, name)
+    assert error_outputs(nb) == [], f"Run All produced errors: {error_outputs(nb)}"
+    images = page.locator(".jp-OutputArea-output img")
+    assert images.count() >= 5, f"expected the notebook's figures as images, found {images.count()}"
+    widths = images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+    assert all(w > 0 for w in widths), f"some figures did not render: widths {widths}"
+    explorer = page.locator(".widget-interact").first
+    explorer.scroll_into_view_if_needed()
+    assert slider_changes_output(page, explorer.locator(".widget-output"), "head"), \
+        "moving the 'head' slider did not redraw the attention heatmap"
+
+
+def test_a_broken_widget_callback_is_caught(page, jupyter):
+    """The slider check itself must fail when a callback is broken (else it proves nothing)."""
+    name = "ui_broken_callback.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import ipywidgets as widgets, matplotlib.pyplot as plt\n"
+        "def draw(head):\n"
+        "    if head > 0:\n"
+        "        raise RuntimeError('broken callback')\n"
+        "    plt.plot([0, 1], [0, head]); plt.show()\n"
+        "w = widgets.interactive(draw, head=widgets.IntSlider(value=0, min=0, max=3, description='head'))\n"
+        "display(w)")]
+    nb.metadata["kernelspec"] = json.loads(json.dumps(
+        nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]))
+    nbformat.write(nb, jupyter.root / name)
+    open_notebook(page, jupyter, name)
+    run_all(page)
+    explorer = page.locator(".widget-interact").first
+    page.wait_for_selector(".widget-interact .widget-output img")
+    assert not slider_changes_output(page, explorer.locator(".widget-output"), "head", timeout_s=8), \
+        "the slider check passed although the callback raises: it cannot catch broken widgets"
