@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["labkit.runtime", "labkit.assets", "labkit.models", "labkit.plotting"]
+MODULES = ["labkit.runtime", "labkit.assets", "labkit.models", "labkit.plotting", "labkit.windtunnel"]
 
 
 @pytest.mark.parametrize("name", MODULES)
