@@ -19,7 +19,8 @@ def write_notebook(path, source):
 def test_run_writes_executed_copies_and_summary(tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    write_notebook(nbs / "good.ipynb", "assert PROFILE == 'smoke'\nprint('ran', PROFILE)")
+    write_notebook(nbs / "good.ipynb", "from labkit.runtime import resolve_profile\n"
+                   "print('ran', resolve_profile(PROFILE))")
     write_notebook(nbs / "bad.ipynb", "raise ValueError('broken on purpose')")
     out = tmp_path / "out"
     code = runner.main(["--profile", "smoke", "--out", str(out), "--kernel", "python3",
@@ -28,7 +29,10 @@ def test_run_writes_executed_copies_and_summary(tmp_path):
     summary = {r["notebook"]: r for r in json.loads((out / "summary.json").read_text())}
     assert summary["good.ipynb"]["passed"] and not summary["bad.ipynb"]["passed"]
     assert "broken on purpose" in summary["bad.ipynb"]["error"]
-    assert "ran smoke" in (out / "good.ipynb").read_text()
+    executed = nbformat.read(out / "good.ipynb", as_version=4)
+    assert "ran smoke" in executed.cells[1].outputs[0].text, "the profile reaches the kernel by env"
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells), \
+        "the executed copy must stay profile-neutral (no papermill-injected PROFILE cell)"
     assert "| bad.ipynb | smoke |" in (out / "summary.md").read_text()
     assert "ran smoke" not in (nbs / "good.ipynb").read_text(), "sources are never overwritten"
 

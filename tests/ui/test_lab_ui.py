@@ -92,8 +92,9 @@ def test_00_runs_all_renders_figures_and_its_sliders_respond(page, jupyter):
     assert all(w > 0 for w in widths), f"some figures did not render: widths {widths}"
     explorer = page.locator(".widget-interact").first
     explorer.scroll_into_view_if_needed()
-    assert slider_changes_output(page, explorer.locator(".widget-output"), "head"), \
-        "moving the 'head' slider did not redraw the attention heatmap"
+    for control in ("layer", "head"):  # every control of the attention explorer
+        assert slider_changes_output(page, explorer.locator(".widget-output"), control), \
+            f"moving the '{control}' slider did not redraw the attention heatmap"
 
 
 def test_a_broken_widget_callback_is_caught(page, jupyter):
