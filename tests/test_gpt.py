@@ -1,0 +1,142 @@
+"""The labkit GPT: equal to HF Llama (tiny random and real SmolLM2), equal to SDPA, causal, hookable."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from labkit.gpt import GPT, GPTConfig, MoE, apply_rope, rope_cos_sin
+
+TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+VARIANTS = {
+    "gpt2": {},
+    "llama": dict(pos="rope", norm="rmsnorm", act="swiglu", n_kv_head=2),
+    "mqa-alibi": dict(pos="alibi", n_kv_head=1, act="relu"),
+    "window-sinusoidal": dict(pos="sinusoidal", window=5),
+    "moe-none": dict(pos="none", ffn="moe", n_experts=4, top_k=2),
+}
+
+
+def tokens(T=24, seed=0, B=2, V=97):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdpa_path_equals_the_written_out_formula(variant):
+    torch.manual_seed(0)
+    manual = GPT(replace(TINY, attn_impl="manual", **VARIANTS[variant])).eval()
+    sdpa = GPT(replace(TINY, attn_impl="sdpa", **VARIANTS[variant])).eval()
+    sdpa.load_state_dict(manual.state_dict())
+    idx = tokens()
+    with torch.no_grad():
+        diff = (manual(idx)[0] - sdpa(idx)[0]).abs().max().item()
+    assert diff < 1e-5, f"{variant}: manual attention and SDPA differ by {diff:.2e}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_future_tokens_never_change_past_logits(variant):
+    torch.manual_seed(0)
+    model = GPT(replace(TINY, **VARIANTS[variant])).eval()
+    idx = tokens(T=16)
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6), "a later token changed an earlier prediction"
+    assert not torch.allclose(a[:, 10:], b[:, 10:]), "the changed tokens should change their own logits"
+
+
+def test_pattern_hook_sees_causal_windowed_rows_that_sum_to_one():
+    model = GPT(replace(TINY, window=4)).eval()
+    seen = {}
+    handle = model.get_submodule("blocks.1.attn.hook_pattern").register_forward_hook(
+        lambda mod, inp, out: seen.setdefault("p", out))
+    with torch.no_grad():
+        model(tokens(T=12))
+    handle.remove()
+    p = seen["p"]                                                   # (B, nh, T, T)
+    assert p.shape == (2, 4, 12, 12)
+    assert torch.allclose(p.sum(-1), torch.ones(2, 4, 12), atol=1e-6)
+    i, j = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    assert (p[..., (j > i) | (i - j >= 4)] == 0).all(), "future keys and keys outside the window get 0"
+
+
+def test_residual_stream_hooks_add_up():
+    model = GPT(TINY).eval()
+    cache = {}
+    names = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_resid_mid",
+             "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: cache.__setitem__(n, o)) for n in names]
+    with torch.no_grad():
+        model(tokens())
+    for h in handles:
+        h.remove()
+    pre, attn, mid, mlp, post = (cache[n] for n in names)
+    assert torch.allclose(mid, pre + attn) and torch.allclose(post, mid + mlp)
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    cos, sin = rope_cos_sin(64, 16, 10000.0)
+    q, k = torch.randn(16), torch.randn(16)
+    def score(m, n):
+        return (apply_rope(q, cos[m], sin[m]) * apply_rope(k, cos[n], sin[n])).sum()
+    assert torch.allclose(score(10, 7), score(40, 37), atol=1e-4)
+    assert not torch.allclose(score(10, 7), score(10, 2), atol=1e-4)
+
+
+def test_moe_balancing_loss_is_one_when_balanced_and_n_experts_when_collapsed():
+    moe = MoE(replace(TINY, ffn="moe", n_experts=4, top_k=1))
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        moe.router.weight.zero_()                       # uniform router: ties pick expert 0...
+        moe(x)
+        assert moe.counts.sum() == 128
+        moe.router.weight.zero_()
+        moe.router.weight[2] = 0.0
+        moe.router.weight[2, 0] = 1e4                   # expert 2 wins wherever x[..., 0] > 0
+        x[..., 0] = x[..., 0].abs() + 1
+        moe(x)
+    assert moe.counts.tolist() == [0, 0, 128, 0]
+    assert abs(moe.aux_loss.item() - 4.0) < 1e-3, f"collapsed routing should cost n_experts, got {moe.aux_loss}"
+
+
+def test_bad_configs_and_lengths_fail_clearly():
+    with pytest.raises(ValueError, match=r"GPTConfig.pos='rotary': use one of"):
+        GPTConfig(pos="rotary")
+    with pytest.raises(ValueError, match="n_head by n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="exceeds block_size=32"):
+        GPT(TINY)(tokens(T=40))
+    logits, _ = GPT(replace(TINY, pos="rope"))(tokens(T=40))   # relative schemes extrapolate
+    assert logits.shape == (2, 40, 97)
+
+
+def tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      rms_norm_eps=1e-5, tie_word_embeddings=tie, attn_implementation="eager")
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_from_hf_equals_a_tiny_random_llama(tie):
+    hf = tiny_llama(tie)
+    ours = GPT.from_hf(hf)
+    idx = tokens(T=20)
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
+    assert diff < 1e-5, f"logits differ by {diff:.2e}"
+
+
+def test_from_hf_equals_smollm2_logits_and_32_greedy_tokens():
+    import labkit
+    hf, tok = labkit.load_model("smollm2-135m")
+    ours = GPT.from_hf(hf)
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)[0]).abs().max().item()
+        theirs = hf.generate(ids, max_new_tokens=32, do_sample=False)
+    assert diff <= 1e-3, f"logits max-abs-diff {diff:.2e} > 1e-3"
+    assert torch.equal(ours.generate(ids, 32, temperature=0), theirs), "greedy tokens diverge within 32 steps"
