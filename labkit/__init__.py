@@ -7,17 +7,21 @@
     enc = labkit.cl100k()                                        # GPT-4's tokenizer, offline
 
 Modules, each with one job: ``runtime`` (profile, device, threads, seed, output dirs),
-``assets`` (pinned offline assets), ``models`` (pretrained LMs), ``plotting`` (figures),
-``envcheck`` (is everything installed?), ``runner`` (execute notebooks in batch).
+``assets`` (pinned offline assets), ``models`` (pretrained LMs), ``gpt`` (the from-scratch,
+swappable GPT), ``hooks`` (read/edit activations by TransformerLens names), ``plotting``
+(figures), ``windtunnel`` (track D's task with an exact posterior), ``envcheck`` (is
+everything installed?), ``runner`` (execute notebooks in batch).
 """
 from .assets import (AssetCorruptError, AssetError, AssetUnavailableError, UnknownAssetError,
                      asset_dir, cl100k, load_shakespeare)
+from .hooks import capture, patch, run_with_cache
 from .models import ModelUnavailableError, load_model
 from .plotting import LiveCurves, heatmap, plot_curves, save_figure, set_theme
 from .runtime import Lab, pick_device, resolve_profile, seed_everything, setup
 
 __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything",
            "asset_dir", "cl100k", "load_shakespeare", "load_model",
+           "capture", "patch", "run_with_cache",
            "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",
            "AssetError", "AssetCorruptError", "AssetUnavailableError", "UnknownAssetError",
            "ModelUnavailableError"]

@@ -77,7 +77,8 @@ class GPTConfig:
 
 
 class HookPoint(nn.Identity):
-    """An identity layer with a name: hook it to read or edit the tensor passing through."""
+    """An identity layer with a name: hook it to read or edit the tensor passing through
+    (TransformerLens's HookPoint; ``labkit.hooks.capture`` / ``patch`` use them by name)."""
 
 
 # ----------------------------------------------------------------------------- positions
@@ -287,6 +288,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.hook_embed = HookPoint()     # token (+ absolute position) embedding
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -326,7 +328,7 @@ class GPT(nn.Module):
         rope = None
         if cfg.pos == "rope":
             rope = tuple(t.to(x.device) for t in rope_cos_sin(T, cfg.head_dim, cfg.rope_theta))
-        x = self.drop(x)
+        x = self.hook_embed(self.drop(x))
         for block in self.blocks:
             x = block(x, rope)
         logits = self.lm_head(self.ln_f(x))                            # (B, T, vocab)
@@ -334,6 +336,12 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def hook_points(self) -> dict:
+        """Every HookPoint by its module path, for ``labkit.hooks`` (capture, patch, run_with_cache)."""
+        from .hooks import HookSite
+        return {name: HookSite(mod, "output") for name, mod in self.named_modules()
+                if isinstance(mod, HookPoint)}
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward pass (0 without MoE)."""

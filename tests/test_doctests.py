@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ["labkit.runtime", "labkit.assets", "labkit.models", "labkit.plotting", "labkit.windtunnel"]
+MODULES = ["labkit.runtime", "labkit.assets", "labkit.models", "labkit.plotting", "labkit.windtunnel",
+           "labkit.hooks", "labkit.gpt"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -140,3 +140,22 @@ def test_from_hf_equals_smollm2_logits_and_32_greedy_tokens():
         theirs = hf.generate(ids, max_new_tokens=32, do_sample=False)
     assert diff <= 1e-3, f"logits max-abs-diff {diff:.2e} > 1e-3"
     assert torch.equal(ours.generate(ids, 32, temperature=0), theirs), "greedy tokens diverge within 32 steps"
+
+
+def test_labkit_hooks_capture_and_patch_the_gpt_by_name():
+    from labkit.hooks import capture, patch
+    model = GPT(replace(TINY, **VARIANTS["llama"])).eval()
+    idx = tokens()
+    with torch.no_grad(), capture(model, ["hook_resid_pre", "hook_attn_out", "hook_resid_mid",
+                                          "attn.hook_pattern"]) as cache:
+        clean = model(idx)[0]
+    assert torch.allclose(cache["blocks.1.hook_resid_mid"],
+                          cache["blocks.1.hook_resid_pre"] + cache["blocks.1.hook_attn_out"])
+    assert cache["blocks.0.attn.hook_pattern"].shape == (2, 4, 24, 24)
+    with torch.no_grad(), patch(model, {"blocks.1.hook_mlp_out": lambda x, name: torch.zeros_like(x)}):
+        ablated = model(idx)[0]
+    assert not torch.allclose(clean, ablated)
+    with torch.no_grad():
+        # close, not bit-equal: hooking the pattern ran the written-out attention, this runs SDPA
+        assert torch.allclose(model(idx)[0], clean, atol=1e-5), "hooks must be gone after the with-block"
+    assert not any(m._forward_hooks for m in model.modules()), "a hook was left behind"
