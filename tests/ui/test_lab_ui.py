@@ -118,3 +118,31 @@ def test_a_broken_widget_callback_is_caught(page, jupyter):
     page.wait_for_selector(".widget-interact .widget-output img")
     assert not slider_changes_output(page, explorer.locator(".widget-output"), "head", timeout_s=8), \
         "the slider check passed although the callback raises: it cannot catch broken widgets"
+
+
+def test_live_training_curves_redraw_while_the_loop_runs(page, jupyter):
+    """labkit.LiveCurves (used by the training loops in 01, B1, D1) must update in place, live."""
+    name = "ui_live_curves.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import math, time, labkit\n"
+        "live = labkit.LiveCurves(['loss'], title='live', every_seconds=0.3)\n"
+        "for step in range(60):\n"
+        "    live.update(step, loss=math.exp(-step / 20))\n"
+        "    time.sleep(0.1)\n"
+        "fig = live.close()")]
+    nb.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]
+    nbformat.write(nb, jupyter.root / name)
+    open_notebook(page, jupyter, name)
+    page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:restart-run-all"]').click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    seen, deadline = set(), time.monotonic() + 60
+    while time.monotonic() < deadline:
+        imgs = page.locator(".jp-OutputArea-output img")
+        if imgs.count():
+            seen.add(imgs.first.get_attribute("src"))
+        if page.locator(".jp-CodeCell .jp-InputArea-prompt").first.inner_text().strip() not in ("[*]:", "[ ]:"):
+            break
+        time.sleep(0.2)
+    assert page.locator(".jp-OutputArea-output img").count() == 1, "live curves must redraw in place, not append"
+    assert len(seen) >= 3, f"expected the figure to redraw during the loop, saw {len(seen)} distinct frames"
