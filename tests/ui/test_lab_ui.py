@@ -3,7 +3,6 @@
 Each test drives a real JupyterLab in headless Chromium (see conftest.py); screenshots land in
 tests/ui/artifacts/. Run these alone with `make test-ui`.
 """
-import json
 import re
 import time
 
@@ -72,6 +71,15 @@ def slider_changes_output(page, output_scope, slider_description: str, timeout_s
     return False
 
 
+def open_scratch_notebook(page, jupyter, name: str, source: str) -> None:
+    """Write a one-cell notebook (the lab's kernel) next to the notebook copies and open it."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source)]
+    nb.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]
+    nbformat.write(nb, jupyter.root / name)
+    open_notebook(page, jupyter, name)
+
+
 def test_lab_lists_every_curriculum_notebook(page, jupyter):
     page.goto(jupyter.url("/lab/tree"))
     page.wait_for_selector(".jp-DirListing-itemText", timeout=60_000)
@@ -99,20 +107,14 @@ def test_00_runs_all_renders_figures_and_its_sliders_respond(page, jupyter):
 
 def test_a_broken_widget_callback_is_caught(page, jupyter):
     """The slider check itself must fail when a callback is broken (else it proves nothing)."""
-    name = "ui_broken_callback.ipynb"
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(
+    open_scratch_notebook(page, jupyter, "ui_broken_callback.ipynb",
         "import ipywidgets as widgets, matplotlib.pyplot as plt\n"
         "def draw(head):\n"
         "    if head > 0:\n"
         "        raise RuntimeError('broken callback')\n"
         "    plt.plot([0, 1], [0, head]); plt.show()\n"
         "w = widgets.interactive(draw, head=widgets.IntSlider(value=0, min=0, max=3, description='head'))\n"
-        "display(w)")]
-    nb.metadata["kernelspec"] = json.loads(json.dumps(
-        nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]))
-    nbformat.write(nb, jupyter.root / name)
-    open_notebook(page, jupyter, name)
+        "display(w)")
     run_all(page)
     explorer = page.locator(".widget-interact").first
     page.wait_for_selector(".widget-interact .widget-output img")
@@ -122,18 +124,13 @@ def test_a_broken_widget_callback_is_caught(page, jupyter):
 
 def test_live_training_curves_redraw_while_the_loop_runs(page, jupyter):
     """labkit.LiveCurves (used by the training loops in 01, B1, D1) must update in place, live."""
-    name = "ui_live_curves.ipynb"
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(
+    open_scratch_notebook(page, jupyter, "ui_live_curves.ipynb",
         "import math, time, labkit\n"
         "live = labkit.LiveCurves(['loss'], title='live', every_seconds=0.3)\n"
         "for step in range(60):\n"
         "    live.update(step, loss=math.exp(-step / 20))\n"
         "    time.sleep(0.1)\n"
-        "fig = live.close()")]
-    nb.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]
-    nbformat.write(nb, jupyter.root / name)
-    open_notebook(page, jupyter, name)
+        "fig = live.close()")
     page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:restart-run-all"]').click()
     page.locator(".jp-Dialog .jp-mod-accept").click()
     seen, deadline = set(), time.monotonic() + 60
