@@ -232,11 +232,15 @@ class AssetStore:
         return out
 
     def verify(self, name: str) -> bool:
-        """Full check: re-hash the source and every product file (slow; used by tests and 00)."""
+        """Full check: re-hash the cached download (if kept) and every product file (slow)."""
         out = self.root / name
         try:
             manifest = json.loads((out / "MANIFEST.json").read_text())
         except (OSError, ValueError):
+            return False
+        src = self.asset(name).source
+        download = self.root / "downloads" / src.filename
+        if download.is_file() and sha256_of(download) != src.sha256:
             return False
         return all((out / rel).is_file() and sha256_of(out / rel) == rec["sha256"]
                    for rel, rec in manifest["files"].items())
