@@ -105,3 +105,11 @@ def test_cl100k_encodes_offline():
     enc = labkit.cl100k()
     assert enc.encode("hello world") == [15339, 1917]
     assert enc.decode(enc.encode("To be, or not to be")) == "To be, or not to be"
+
+
+def test_verify_notices_a_corrupted_download(fake_store):
+    store, _ = fake_store
+    store.path("tiny")
+    assert store.verify("tiny")
+    (store.root / "downloads" / "pkg-1.0.tar.gz").write_bytes(b"bit rot")
+    assert not store.verify("tiny")
