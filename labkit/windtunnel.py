@@ -136,10 +136,31 @@ class TunnelConfig:
     n_head: int = 2       # head size d_model / n_head >= V lets layer-0 keys be orthogonal
     d_model: int = 64
     d_mlp: int = 256      # 4 x d_model, as in GPT-2
+    pos: str = "learned"  # "learned": absolute position embeddings (GPT-2); "rope": rotary (Llama)
+    rope_base: float = 10000.0
 
     @property
     def seq_len(self) -> int:
         return 2 * self.n_pairs
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Llama's convention: split the head dim in halves (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope_cos_sin(seq_len: int, d_head: int, base: float = 10000.0):
+    """cos, sin tables (T, d_head) for rotary embeddings; pair i turns at rate base^(-2i/d)."""
+    inv_freq = base ** (-torch.arange(0, d_head, 2).float() / d_head)          # (d/2,)
+    ang = torch.arange(seq_len).float()[:, None] * inv_freq[None, :]            # (T, d/2)
+    ang = torch.cat([ang, ang], dim=-1)                                         # (T, d)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (…, T, d) by position: q_t . k_s then depends on t and s only through t - s."""
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -155,17 +176,28 @@ class Attention(nn.Module):
         self.register_buffer("head_mask", torch.ones(cfg.n_head), persistent=False)
         self.register_buffer("causal", torch.ones(cfg.seq_len, cfg.seq_len).tril().bool(),
                              persistent=False)
+        self.rope = cfg.pos == "rope"
+        if self.rope:
+            cos, sin = rope_cos_sin(cfg.seq_len, self.d_head, cfg.rope_base)     # (T, hs) each
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x, cache=None, name=""):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)                                   # 3 x (B, T, C)
         q, k, v = (z.view(B, T, self.n_head, self.d_head).transpose(1, 2) for z in (q, k, v))
+        q_raw, k_raw = q, k
+        if self.rope:      # positions enter only here, as rotations of q and k
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)                # (B, nh, T, T)
         att = att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(-1)
         z = att @ v                                                             # (B, nh, T, hs)
         z = z * self.head_mask[None, :, None, None]
         if cache is not None:
-            cache[f"{name}.hook_q"], cache[f"{name}.hook_k"] = q, k                # (B, nh, T, hs)
+            # TransformerLens names: hook_q/k before the rotation (content), hook_rot_q/k after
+            cache[f"{name}.hook_q"], cache[f"{name}.hook_k"] = q_raw, k_raw        # (B, nh, T, hs)
+            cache[f"{name}.hook_rot_q"], cache[f"{name}.hook_rot_k"] = q, k
             cache[f"{name}.hook_v"] = v
             cache[f"{name}.hook_pattern"] = att                                 # (B, nh, q, k)
             cache[f"{name}.hook_z"] = z
@@ -199,6 +231,9 @@ class TunnelTransformer(nn.Module):
     """A small GPT for the wind tunnel: tokens (B, 2L) -> value logits (B, 2L, V).
 
     Only the key positions (even indices) are scored; ``value_logits`` picks them out.
+    ``cfg.pos="learned"`` adds a learned position vector to the residual (GPT-2);
+    ``cfg.pos="rope"`` rotates q and k instead (Llama), so scores depend on offsets only, which
+    makes the previous-token step of a retrieval (induction) circuit easy to learn.
     ``model(tokens, cache={})`` fills the dict with ``blocks.{i}.hook_resid_pre|mid|post``,
     ``blocks.{i}.attn.hook_pattern`` (B, nh, T, T), ``hook_attn_out``, ``hook_mlp_out``.
     """
@@ -207,7 +242,8 @@ class TunnelTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(2 * cfg.n_keys, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        assert cfg.pos in ("learned", "rope"), f"pos must be 'learned' or 'rope', got {cfg.pos!r}"
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.unembed = nn.Linear(cfg.d_model, cfg.n_keys)   # logits over the V values only
@@ -216,7 +252,7 @@ class TunnelTransformer(nn.Module):
     def forward(self, tokens, cache=None):
         B, T = tokens.shape
         x = self.tok_emb(tokens)                                                # (B, T, C)
-        if self.use_pos:
+        if self.pos_emb is not None and self.use_pos:
             x = x + self.pos_emb(torch.arange(T, device=tokens.device))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, f"blocks.{i}")

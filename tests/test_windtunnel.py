@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from labkit.windtunnel import (TunnelConfig, TunnelLSTM, TunnelMLP, TunnelTransformer,
-                               bayes_posterior, entropy_bits, kl_bits, make_batch, to_tokens,
-                               value_logits)
+from labkit.windtunnel import (TunnelConfig, TunnelLSTM, TunnelMLP, TunnelTransformer, apply_rope,
+                               bayes_posterior, entropy_bits, kl_bits, make_batch, rope_cos_sin,
+                               to_tokens, value_logits)
 
 
 def gen(seed=0):
@@ -105,3 +105,38 @@ def test_transformer_is_causal():
     with torch.no_grad():
         assert torch.allclose(model(toks)[:, :-1], model(changed)[:, :-1], atol=1e-6), \
             "a later token must not change earlier predictions"
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    # RoPE rotates q and k by angles proportional to their positions, so q_t . k_s sees t - s only
+    T, d = 12, 8
+    cos, sin = rope_cos_sin(T, d)                                               # (T, d) each
+    q, k = torch.randn(d, generator=gen(7)), torch.randn(d, generator=gen(8))
+    qs, ks = apply_rope(q.expand(T, d), cos, sin), apply_rope(k.expand(T, d), cos, sin)   # (T, d)
+    scores = qs @ ks.T                                                          # (T, T) [t, s]
+    for off in range(-3, 4):
+        diag = scores.diagonal(-off)                                            # all (t, t - off)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-5), f"offset {off}: {diag}"
+    assert not torch.allclose(scores.diagonal(0)[0], scores.diagonal(-1)[0]), "offsets must matter"
+    assert torch.allclose(qs.norm(dim=-1), q.norm().expand(T)), "a rotation keeps the norm"
+
+
+def test_rope_matches_transformers_llama():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    T, d = 10, 16
+    cos, sin = rope_cos_sin(T, d)
+    q, k = torch.randn(1, 2, T, d, generator=gen(1)), torch.randn(1, 2, T, d, generator=gen(2))
+    hq, hk = llama.apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    assert torch.allclose(hq, apply_rope(q, cos, sin), atol=1e-6), "q rotation differs from Llama's"
+    assert torch.allclose(hk, apply_rope(k, cos, sin), atol=1e-6), "k rotation differs from Llama's"
+
+
+def test_rope_transformer_has_no_position_table_and_is_causal():
+    cfg = TunnelConfig(n_keys=6, n_pairs=5, n_layer=2, n_head=2, d_model=16, d_mlp=32, pos="rope")
+    model = TunnelTransformer(cfg).eval()
+    assert model.pos_emb is None, "RoPE puts positions into attention, not into the residual"
+    toks = to_tokens(*make_batch(2, 6, n_pairs=5, generator=gen()), 6)         # (2, 10)
+    changed = toks.clone()
+    changed[:, -1] = (changed[:, -1] - 6 + 1) % 6 + 6
+    with torch.no_grad():
+        assert torch.allclose(model(toks)[:, :-1], model(changed)[:, :-1], atol=1e-6)
