@@ -46,11 +46,15 @@ def heatmap(ax, matrix, xlabels=None, ylabels=None, title: str = "", cmap: str =
             if n <= 48:
                 set_ticks(range(n))
                 set_labels([str(s) for s in labels], rotation=rot, fontsize=8)
-    if annotate:
+    if annotate:  # text colour from the cell's own luminance, so it reads on any colormap
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
+                if np.isnan(m[i, j]):
+                    ax.text(j, i, "NaN", ha="center", va="center", fontsize=7, color="red")
+                    continue
+                r, g, b, _ = im.cmap(im.norm(m[i, j]))
                 ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] < np.nanmean(m) else "black")
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
     ax.grid(False)
     if title:
         ax.set_title(title)

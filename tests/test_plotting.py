@@ -14,6 +14,11 @@ def test_heatmap_accepts_tensors_and_checks_labels():
     fig, ax = plt.subplots()
     im = heatmap(ax, torch.eye(3), xlabels=list("abc"), ylabels=list("abc"), annotate=True)
     assert im.get_array().shape == (3, 3)
+    colours = {t.get_text(): t.get_color() for t in ax.texts}
+    assert colours == {"1.00": "black", "0.00": "white"}, "dark cells get white text, light cells black"
+    fig, ax = plt.subplots()
+    heatmap(ax, np.array([[np.nan, 1.0]]), annotate=True)
+    assert [t.get_text() for t in ax.texts] == ["NaN", "1.00"]
     with pytest.raises(ValueError, match="needs a 2-D matrix"):
         heatmap(ax, np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match="2 labels for an axis of length 3"):
