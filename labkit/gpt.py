@@ -93,7 +93,7 @@ def sinusoidal_table(T: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     return table
 
 
-def rope_cos_sin(T: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(T: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, head_dim) cos and sin for RoPE in Llama's layout: frequencies repeated in two halves."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq              # (T, hd/2)

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .gpt import apply_rope, rope_cos_sin  # one RoPE in labkit: Llama's, the one HF uses
+
 LOG2 = math.log(2.0)
 
 
@@ -142,25 +144,6 @@ class TunnelConfig:
     @property
     def seq_len(self) -> int:
         return 2 * self.n_pairs
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Llama's convention: split the head dim in halves (x1, x2) -> (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def rope_cos_sin(seq_len: int, d_head: int, base: float = 10000.0):
-    """cos, sin tables (T, d_head) for rotary embeddings; pair i turns at rate base^(-2i/d)."""
-    inv_freq = base ** (-torch.arange(0, d_head, 2).float() / d_head)          # (d/2,)
-    ang = torch.arange(seq_len).float()[:, None] * inv_freq[None, :]            # (T, d/2)
-    ang = torch.cat([ang, ang], dim=-1)                                         # (T, d)
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (…, T, d) by position: q_t . k_s then depends on t and s only through t - s."""
-    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
