@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import labkit.hooks as hooks
 from labkit.hooks import ActivationCache, capture, hook_points, kv_head_of, n_hooks, patch, run_with_cache
 
 

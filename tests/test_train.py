@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from labkit.data import BPETokenizer, CharTokenizer, TokenData, shakespeare_data
+from labkit.data import BPETokenizer, CharTokenizer, shakespeare_data
 from labkit.gpt import GPT, GPTConfig
 from labkit.train import TrainConfig, lr_at, train
 
