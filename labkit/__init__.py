@@ -17,9 +17,9 @@ from .assets import (AssetCorruptError, AssetError, AssetUnavailableError, Unkno
 from .hooks import capture, patch, run_with_cache
 from .models import ModelUnavailableError, load_model
 from .plotting import LiveCurves, heatmap, plot_curves, save_figure, set_theme
-from .runtime import Lab, pick_device, resolve_profile, seed_everything, setup
+from .runtime import Lab, Timing, pick_device, resolve_profile, seed_everything, setup, time_it
 
-__all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything",
+__all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", "time_it", "Timing",
            "asset_dir", "cl100k", "load_shakespeare", "load_model",
            "capture", "patch", "run_with_cache",
            "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",

@@ -105,6 +105,47 @@ def _matmul_seconds(threads: int, size: int = 384, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+@dataclass
+class Timing:
+    """Wall times of repeated calls: report ``median`` and the spread ``lo``..``hi``."""
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def lo(self) -> float:
+        return min(self.times)
+
+    @property
+    def hi(self) -> float:
+        return max(self.times)
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.2f} ms (range {self.lo * 1e3:.2f}-{self.hi * 1e3:.2f}, n={len(self.times)})"
+
+
+def time_it(fn, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls (allocation, thread pool).
+
+    Neighbours on a shared machine add noise: compare two things as the ratio of medians
+    measured in the same run, and show the spread.
+
+    >>> t = time_it(lambda: sum(range(1000)), repeats=3)
+    >>> len(t.times), t.lo <= t.median <= t.hi
+    (3, True)
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(times)
+
+
 def choose_threads(max_threads: int | None = None, margin: float = 0.10) -> tuple[int, dict[int, float]]:
     """Measure fp32 matmul time at 1..N threads and keep the fewest within ``margin`` of the best.
 
