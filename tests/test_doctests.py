@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["labkit.runtime", "labkit.assets", "labkit.models", "labkit.plotting", "labkit.windtunnel",
-           "labkit.hooks", "labkit.gpt", "labkit.data", "labkit.train"]
+           "labkit.hooks", "labkit.gpt", "labkit.data", "labkit.train", "labkit.runs"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -48,7 +48,7 @@ def test_training_lowers_val_loss_and_is_deterministic(chars):
         runs.append(train(model, chars, tcfg, progress=False))
     a, b = runs
     assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"], "same seed, same run"
-    assert a["val_step"] == [29, 59]
+    assert a["val_step"] == [0, 29, 59], "val loss after the first step, every eval_every, and at the end"
     uniform = torch.log(torch.tensor(float(cfg.vocab_size))).item()
     assert a["val_loss"][-1] < 0.8 * uniform, f"expected learning: val {a['val_loss'][-1]:.2f} vs ln V {uniform:.2f}"
 
