@@ -162,7 +162,7 @@ class Attention(nn.Module):
             allowed &= (i - j) < self.cfg.window
         return allowed
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, attn_mask=None):
         B, T, C = x.shape
         cfg, nh, nkv, hd = self.cfg, self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -174,7 +174,7 @@ class Attention(nn.Module):
         if nkv < nh:  # GQA: query head h reads KV head h // (nh / nkv)
             k = k.repeat_interleave(nh // nkv, dim=1)                 # (B, nh, T, hd)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        allowed = self.mask(T, x.device)
+        allowed = self.mask(T, x.device) if attn_mask is None else attn_mask   # (T, T) or (B, 1, T, T)
         bias = None
         if cfg.pos == "alibi":  # penalty grows linearly with distance, a different slope per head
             dist = (torch.arange(T, device=x.device)[:, None] - torch.arange(T, device=x.device)[None, :])
@@ -187,10 +187,10 @@ class Attention(nn.Module):
             att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             att = self.hook_pattern(att)
             y = F.dropout(att, p_drop, self.training) @ v             # (B, nh, T, hd)
-        elif bias is None and cfg.window is None:
+        elif bias is None and cfg.window is None and attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
         else:
-            mask = torch.zeros(T, T, device=x.device).masked_fill(~allowed, float("-inf"))
+            mask = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, float("-inf"))
             mask = mask if bias is None else mask + bias
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)                  # (B, T, C): heads side by side
@@ -271,9 +271,9 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, attn_mask=None):
         x = self.hook_resid_pre(x)                                     # (B, T, C)
-        attn_out = self.hook_attn_out(self.attn(self.ln_1(x), rope))
+        attn_out = self.hook_attn_out(self.attn(self.ln_1(x), rope, attn_mask))
         x = self.hook_resid_mid(x + attn_out if self.residual else attn_out)
         if self.mlp is not None:
             mlp_out = self.hook_mlp_out(self.mlp(self.ln_2(x)))
@@ -314,7 +314,13 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel() if self.wpe is not None else 0
         return n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, attn_mask=None):
+        """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over targets != -100.
+
+        ``attn_mask`` (T, T) or (B, 1, T, T) bool, True where query i may read key j, replaces
+        the causal (and window) mask: all True for a bidirectional encoder (masked LM), or
+        bidirectional over a prefix and causal after it (prefix LM, notebook 11).
+        """
         B, T = idx.shape
         cfg = self.cfg
         if cfg.pos == "learned" and T > cfg.block_size:
@@ -325,17 +331,22 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         elif cfg.pos == "sinusoidal":
             x = x + sinusoidal_table(T, cfg.n_embd).to(x.device)
-        rope = None
-        if cfg.pos == "rope":
-            rope = tuple(t.to(x.device) for t in rope_cos_sin(T, cfg.head_dim, cfg.rope_theta))
+        rope = self._rope(T, x.device) if cfg.pos == "rope" else None
         x = self.hook_embed(self.drop(x))
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, attn_mask)
         logits = self.lm_head(self.ln_f(x))                            # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos/sin tables for T positions, built once per (T, device) and reused."""
+        if getattr(self, "_rope_key", None) != (T, device):
+            self._rope_tables = tuple(t.to(device) for t in rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta))
+            self._rope_key = (T, device)
+        return self._rope_tables
 
     def hook_points(self) -> dict:
         """Every HookPoint by its module path, for ``labkit.hooks`` (capture, patch, run_with_cache)."""

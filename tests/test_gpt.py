@@ -159,3 +159,25 @@ def test_labkit_hooks_capture_and_patch_the_gpt_by_name():
         # close, not bit-equal: hooking the pattern ran the written-out attention, this runs SDPA
         assert torch.allclose(model(idx)[0], clean, atol=1e-5), "hooks must be gone after the with-block"
     assert not any(m._forward_hooks for m in model.modules()), "a hook was left behind"
+
+
+def test_attn_mask_makes_an_encoder_or_a_prefix_lm_and_both_paths_agree():
+    torch.manual_seed(0)
+    manual = GPT(replace(TINY, attn_impl="manual", pos="rope")).eval()
+    sdpa = GPT(replace(TINY, pos="rope")).eval()
+    sdpa.load_state_dict(manual.state_dict())
+    idx, T, prefix = tokens(T=16), 16, 6
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    prefix_lm = (j <= i) | (j < prefix)                 # bidirectional over the prefix, causal after
+    changed = idx.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 97            # a token inside the prefix
+    with torch.no_grad():
+        for mask in (torch.ones(T, T, dtype=torch.bool), prefix_lm):
+            assert (manual(idx, attn_mask=mask)[0] - sdpa(idx, attn_mask=mask)[0]).abs().max() < 1e-5
+        causal = manual(changed)[0][:, :3] - manual(idx)[0][:, :3]
+        encoder = (manual(changed, attn_mask=torch.ones(T, T, dtype=torch.bool))[0]
+                   - manual(idx, attn_mask=torch.ones(T, T, dtype=torch.bool))[0])[:, :3]
+        prefixed = (manual(changed, attn_mask=prefix_lm)[0] - manual(idx, attn_mask=prefix_lm)[0])
+    assert causal.abs().max() == 0, "causal: position 3 is invisible to positions 0-2"
+    assert encoder.abs().max() > 1e-4, "encoder: every position sees position 3"
+    assert prefixed[:, :3].abs().max() > 1e-4, "prefix LM: the prefix is bidirectional"
