@@ -122,11 +122,16 @@ class LiveCurves:
 
     Each metric gets its own panel; a metric updated only sometimes (e.g. ``val_loss``)
     can share a panel with another by passing ``panels={"loss": ["loss", "val_loss"]}``.
+
+    ``stoppable=True`` adds a Stop button (live only). A running cell normally cannot see a
+    click until it finishes, so ``update`` processes pending widget events (jupyter-ui-poll)
+    and ``stop_requested`` turns True; ``labkit.train.train(..., monitor=live)`` then ends
+    after the current step and saves a resumable checkpoint.
     """
 
     def __init__(self, metrics: list[str] | None = None, panels: dict[str, list[str]] | None = None,
                  title: str = "", xlabel: str = "step", every_seconds: float = 0.5,
-                 live: bool | None = None):
+                 live: bool | None = None, stoppable: bool = False):
         self.panels = panels or {m: [m] for m in (metrics or [])}
         if not self.panels:
             raise ValueError("LiveCurves needs metrics=[...] or panels={...}")
@@ -140,6 +145,32 @@ class LiveCurves:
         self.fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
         self.axes = dict(zip(self.panels, axes[0]))
         plt.close(self.fig)  # drawn on demand, not by the inline backend at cell end
+        self.stop_button = self._poll = self._events = None
+        if stoppable and self.live:
+            import ipywidgets as widgets
+            from IPython.display import display
+            self.stop_button = widgets.ToggleButton(description="Stop training", icon="stop",
+                                                    button_style="danger", tooltip="finish this step, "
+                                                    "save a checkpoint and stop")
+            display(self.stop_button)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the Stop button was clicked (always False in batch runs)."""
+        if self.stop_button is None:
+            return False
+        self._process_clicks()
+        return bool(self.stop_button.value)
+
+    def _process_clicks(self) -> None:
+        if time.monotonic() - getattr(self, "_last_poll", 0.0) < 0.2:   # a click needs no faster
+            return
+        self._last_poll = time.monotonic()
+        if self._poll is None:
+            from jupyter_ui_poll import ui_events
+            self._events = ui_events()
+            self._poll = self._events.__enter__()
+        self._poll(10)
 
     def update(self, step: int, **values: float) -> None:
         for name, v in values.items():
@@ -171,6 +202,12 @@ class LiveCurves:
 
     def close(self):
         """Draw the final state once (in place when live, else as one output) and return the figure."""
+        if self._events is not None:
+            self._events.__exit__(None, None, None)
+            self._poll = self._events = None
+        if self.stop_button is not None:
+            self.stop_button.disabled = True
+            self.stop_button.description = "stopped" if self.stop_button.value else "finished"
         self._draw()
         if self._handle is not None:
             self._handle.update(self.fig)

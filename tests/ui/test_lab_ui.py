@@ -143,3 +143,77 @@ def test_live_training_curves_redraw_while_the_loop_runs(page, jupyter):
         time.sleep(0.2)
     assert page.locator(".jp-OutputArea-output img").count() == 1, "live curves must redraw in place, not append"
     assert len(seen) >= 3, f"expected the figure to redraw during the loop, saw {len(seen)} distinct frames"
+
+
+TRAINING_CELL = (
+    "import tempfile, torch, labkit\n"
+    "from labkit.data import shakespeare_data\n"
+    "from labkit.gpt import GPT, GPTConfig\n"
+    "from labkit.runs import Run, load_checkpoint\n"
+    "from labkit.train import TrainConfig, train\n"
+    "labkit.runtime.choose_threads()   # as labkit.setup does: on a busy 2-core box 2 threads ran 50x slower\n"
+    "data = shakespeare_data('char', max_chars=50_000)\n"
+    "torch.manual_seed(0)\n"
+    "model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))\n"
+    "cfg = TrainConfig(steps=1_000_000, batch_size=4, block_size=32, eval_every=10**7, eval_batches=1)\n"
+    "run = Run.create(tempfile.mkdtemp(), 'ui')\n"
+    "live = labkit.LiveCurves(['loss'], every_seconds=0.3, stoppable={stoppable})\n"
+    "try:\n"
+    "    history = train(model, data, cfg, run=run, monitor=live)\n"
+    "    print('STOPPED', history.stopped, len(history['loss']))\n"
+    "finally:\n"
+    "    print('CHECKPOINT', load_checkpoint(run.path)[1]['step'], len(run.rows()))\n")
+
+
+def start_training(page, jupyter, name: str, stoppable: bool) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(TRAINING_CELL.format(stoppable=stoppable)),
+                nbformat.v4.new_code_cell("print('NEXT CELL RAN')")]
+    nb.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]
+    nbformat.write(nb, jupyter.root / name)
+    open_notebook(page, jupyter, name)
+    page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:restart-run-all"]').click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    frames, deadline = set(), time.monotonic() + 90
+    while len(frames) < 3 and time.monotonic() < deadline:   # training is running: curves redraw
+        imgs = page.locator(".jp-OutputArea-output img")
+        if imgs.count():
+            frames.add(imgs.first.get_attribute("src"))
+        time.sleep(0.2)
+    assert len(frames) >= 3, f"the live monitor did not redraw while training ({len(frames)} frames)"
+
+
+def cell_text(page, index: int) -> str:
+    return page.locator(".jp-CodeCell").nth(index).locator(".jp-OutputArea").inner_text()
+
+
+def wait_for_text(page, index: int, text: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = cell_text(page, index)
+        if text in out:
+            return out
+        time.sleep(0.3)
+    raise AssertionError(f"cell {index} never printed {text!r}; it shows: {cell_text(page, index)[-500:]}")
+
+
+def test_the_monitor_stop_button_ends_training_with_a_checkpoint(page, jupyter):
+    """A click reaches the running cell; training stops after the step, checkpointed; Run All goes on."""
+    start_training(page, jupyter, "ui_stop_button.ipynb", stoppable=True)
+    page.get_by_role("button", name="Stop training").click()
+    out = wait_for_text(page, 0, "CHECKPOINT")
+    stopped = re.search(r"STOPPED True (\d+)", out)
+    checkpoint = re.search(r"CHECKPOINT (\d+) (\d+)", out)
+    assert stopped and checkpoint, f"expected a clean stop and a checkpoint: {out[-400:]}"
+    assert int(stopped.group(1)) == int(checkpoint.group(1)) == int(checkpoint.group(2)) > 0, \
+        "the checkpoint must hold exactly the steps trained and logged"
+    wait_for_text(page, 1, "NEXT CELL RAN")            # the queued cells of Run All still run
+
+
+def test_the_kernel_interrupt_button_saves_a_resumable_checkpoint(page, jupyter):
+    start_training(page, jupyter, "ui_interrupt.ipynb", stoppable=False)
+    page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:interrupt-kernel"]').click()
+    out = wait_for_text(page, 0, "KeyboardInterrupt")     # the traceback comes after the finally's print
+    assert "[labkit] interrupted: checkpoint at step" in out, out[-600:]
+    checkpoint = re.search(r"CHECKPOINT (\d+) (\d+)", out)
+    assert checkpoint and int(checkpoint.group(1)) == int(checkpoint.group(2)) > 0, out[-400:]
