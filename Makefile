@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 TEST_ENV := LABKIT_PROFILE=smoke LABKIT_BATCH=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
             MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
 
-.PHONY: help setup assets kernel browser lab run test test-unit test-notebooks test-ui contract clean-smoke
+.PHONY: help setup assets kernel browser lab run test test-unit test-notebooks test-ui contract bench clean-smoke
 
 help:
 	@echo "make setup   create .venv, install labkit + dependencies, register the kernel, fetch assets"
@@ -20,6 +20,7 @@ help:
 	@echo "make run     execute every notebook (full profile) into build/run/ + summary"
 	@echo "make test    unit tests + every notebook through nbval (smoke profile) + UI tests"
 	@echo "make test-ui only the JupyterLab-in-Chromium UI tests (screenshots: tests/ui/artifacts/)"
+	@echo "make bench   training tokens/s and MFU: labkit GPT vs HF Llama, vs the measured matmul peak"
 
 setup: $(VENV)/.installed kernel assets browser
 	@$(PY) -m labkit check | tail -n 1
@@ -72,6 +73,9 @@ test-ui: setup
 
 test-notebooks: setup
 	$(TEST_ENV) $(PY) -m pytest notebooks --nbval-lax -p no:cacheprovider --durations=0
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py --json build/bench.json
 
 contract:
 	$(PY) ../shared/tools/nbcontract.py
