@@ -8,7 +8,7 @@
 
 Modules, each with one job: ``runtime`` (profile, device, threads, seed, output dirs),
 ``assets`` (pinned offline assets), ``models`` (pretrained LMs), ``gpt`` (the from-scratch,
-swappable GPT), ``data`` (Shakespeare token ids), ``train`` (the training loop), ``hooks`` (read/edit activations by TransformerLens names), ``plotting``
+swappable GPT), ``data`` (Shakespeare token ids), ``train`` (the one training loop, with its diagnostics), ``runs`` (run directories, metric logs, atomic checkpoints), ``hooks`` (read/edit activations by TransformerLens names), ``plotting``
 (figures), ``windtunnel`` (track D's task with an exact posterior), ``envcheck`` (is
 everything installed?), ``runner`` (execute notebooks in batch).
 """
