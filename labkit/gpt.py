@@ -342,10 +342,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos/sin tables for T positions, built once per (T, device) and reused."""
-        if getattr(self, "_rope_key", None) != (T, device):
+        """RoPE's cos/sin tables for T positions, reused while T, device and theta stay the same
+        (notebook 02 edits ``cfg.rope_theta`` on a trained model: the key must include it)."""
+        key = (T, device, self.cfg.head_dim, self.cfg.rope_theta)
+        if getattr(self, "_rope_key", None) != key:
             self._rope_tables = tuple(t.to(device) for t in rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta))
-            self._rope_key = (T, device)
+            self._rope_key = key
         return self._rope_tables
 
     def hook_points(self) -> dict:

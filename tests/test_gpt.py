@@ -181,3 +181,17 @@ def test_attn_mask_makes_an_encoder_or_a_prefix_lm_and_both_paths_agree():
     assert causal.abs().max() == 0, "causal: position 3 is invisible to positions 0-2"
     assert encoder.abs().max() > 1e-4, "encoder: every position sees position 3"
     assert prefixed[:, :3].abs().max() > 1e-4, "prefix LM: the prefix is bidirectional"
+
+
+def test_changing_rope_theta_on_a_built_model_changes_its_output():
+    """The RoPE tables are cached per length; editing cfg.rope_theta must not reuse stale ones."""
+    torch.manual_seed(0)
+    model = GPT(replace(TINY, pos="rope")).eval()
+    idx = tokens()
+    with torch.no_grad():
+        before = model(idx)[0]
+        model.cfg.rope_theta = 100.0
+        after = model(idx)[0]
+        model.cfg.rope_theta = 10000.0
+        restored = model(idx)[0]
+    assert not torch.allclose(before, after) and torch.equal(before, restored)
