@@ -1,8 +1,9 @@
 """A real JupyterLab in a real (headless) Chromium, for the interactive side of the lab.
 
 One JupyterLab server per test session, on a free loopback port with a random token and its
-own config/runtime/settings dirs (news pop-up off). It serves *copies* of the notebooks, so
-autosave never touches the committed files, and runs kernels in the smoke profile with
+own config/runtime/settings dirs (news pop-up off). It serves *copies* of the notebooks with
+their outputs cleared, so autosave never touches the committed files and every figure a test
+sees was drawn by that test's run, and runs kernels in the smoke profile with
 outputs under a temporary directory. Kernels are shut down after every test.
 
 Chromium comes from Debian (`make setup` apt-installs it where it can); Playwright's own
@@ -44,6 +45,17 @@ if CHROMIUM is None:
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="UI tests need playwright (make setup)")
 
 
+def strip_outputs(path: Path) -> None:
+    """Clear a notebook copy's outputs and execution counts. The committed notebooks carry the
+    full-profile outputs ([1]:, [2]: ... and their figures): left in, a test could mistake them
+    for the results of a Run All that had not started yet (a race CI hit)."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    path.write_text(json.dumps(nb, indent=1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,6 +69,8 @@ class JupyterLab:
         self.root = tmp / "notebooks"
         shutil.copytree(ROOT / "notebooks", self.root,
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+        for copy in self.root.glob("*.ipynb"):
+            strip_outputs(copy)
         self.port, self.token = free_port(), os.urandom(16).hex()
         # No news pop-up; start the notebook's own kernel without asking; render every cell
         # (JupyterLab's default windowing attaches only visible cells to the page).
