@@ -90,6 +90,52 @@ def to_jsonable(obj):
 
 # ----------------------------------------------------------------------------- run directory
 
+def new_run_dir(root, name: str = "run") -> Path:
+    """A fresh directory ``root/name``; if that exists, ``name-2``, ``name-3``, ... (printed).
+
+    For anything a notebook saves (checkpoints, activation caches): an earlier run's files are
+    kept, never overwritten. ``run_dirs`` lists them, newest first.
+
+    >>> import tempfile; root = Path(tempfile.mkdtemp())
+    >>> new_run_dir(root, "baseline").name
+    'baseline'
+    >>> new_run_dir(root, "baseline").name   # the first one is kept
+    [labkit] runs: .../baseline exists and is kept; this run writes to baseline-2
+    'baseline-2'
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path, n = root / name, 1
+    while True:
+        try:
+            path.mkdir()        # atomic: two runs started at once never share a directory
+            break
+        except FileExistsError:
+            n += 1
+            path = root / f"{name}-{n}"
+    if n > 1:
+        print(f"[labkit] runs: .../{name} exists and is kept; this run writes to {path.name}")
+    return path
+
+
+def run_dirs(root, name: str = "run") -> list[Path]:
+    """The directories ``new_run_dir(root, name)`` made, newest first (none: an empty list).
+
+    >>> import tempfile; root = Path(tempfile.mkdtemp())
+    >>> _ = new_run_dir(root, "tunnel"); _ = new_run_dir(root, "tunnel")
+    [labkit] runs: .../tunnel exists and is kept; this run writes to tunnel-2
+    >>> [p.name for p in run_dirs(root, "tunnel")]
+    ['tunnel-2', 'tunnel']
+    """
+    def number(p: Path) -> int:
+        suffix = p.name[len(name):]
+        return 1 if suffix == "" else int(suffix[1:])
+    root = Path(root)
+    found = [p for p in root.glob(f"{name}*") if p.is_dir() and
+             (p.name == name or (p.name.startswith(name + "-") and p.name[len(name) + 1:].isdigit()))]
+    return sorted(found, key=number, reverse=True)
+
+
 class Run:
     """A run directory. ``Run.create`` makes a new one; ``Run(path)`` opens an existing one."""
 
@@ -105,7 +151,7 @@ class Run:
 
     @classmethod
     def create(cls, root, name: str = "run") -> "Run":
-        """A fresh directory ``root/name``; if that exists, ``name-2``, ``name-3``, ... (printed).
+        """A fresh run directory (``new_run_dir``) with an empty ``checkpoints/``.
 
         >>> import tempfile; root = Path(tempfile.mkdtemp())
         >>> Run.create(root, "baseline").path.name
@@ -114,18 +160,7 @@ class Run:
         [labkit] runs: .../baseline exists and is kept; this run writes to baseline-2
         'baseline-2'
         """
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        path, n = root / name, 1
-        while True:
-            try:
-                path.mkdir()        # atomic: two runs started at once never share a directory
-                break
-            except FileExistsError:
-                n += 1
-                path = root / f"{name}-{n}"
-        if n > 1:
-            print(f"[labkit] runs: .../{name} exists and is kept; this run writes to {path.name}")
+        path = new_run_dir(root, name)
         (path / "checkpoints").mkdir()
         return cls(path)
 
