@@ -48,7 +48,8 @@ playwright_sync = pytest.importorskip("playwright.sync_api", reason="UI tests ne
 def strip_outputs(path: Path) -> None:
     """Clear a notebook copy's outputs and execution counts. The committed notebooks carry the
     full-profile outputs ([1]:, [2]: ... and their figures): left in, a test could mistake them
-    for the results of a Run All that had not started yet (a race CI hit)."""
+    for the results of a Run All that had not started yet (the likely cause of a CI run that
+    found no figures after Run All)."""
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
