@@ -390,15 +390,26 @@ def train(model: nn.Module, tc: TrainConfig, eval_data=None, log=None) -> dict:
 
 
 def save_checkpoint(path, model: nn.Module, **extra) -> None:
-    """Save config + weights (+ anything in ``extra``, e.g. the training history) to ``path``."""
+    """Save config + weights (+ anything in ``extra``, e.g. the training history) to ``path``,
+    atomically: a kernel killed mid-save leaves no half-written file behind."""
     from pathlib import Path
+
+    from .runs import atomic_write
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"cfg": model.cfg.__dict__, "state": model.state_dict(), **extra}, path)
+    atomic_write(Path(path), lambda tmp: torch.save({"cfg": model.cfg.__dict__, "state": model.state_dict(), **extra}, tmp))
 
 
 def load_checkpoint(path) -> tuple[TunnelTransformer, dict]:
-    """Rebuild a ``TunnelTransformer`` saved by ``save_checkpoint``; returns (model, extras)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    model = TunnelTransformer(TunnelConfig(**ck.pop("cfg")))
-    model.load_state_dict(ck.pop("state"))
+    """Rebuild a ``TunnelTransformer`` saved by ``save_checkpoint``; returns (model, extras).
+
+    A file that cannot be read back raises ``CheckpointError`` naming it and the fix."""
+    from .runs import CheckpointError
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        model = TunnelTransformer(TunnelConfig(**ck.pop("cfg")))
+        model.load_state_dict(ck.pop("state"))
+    except Exception as err:  # truncated, corrupted, or not a wind-tunnel checkpoint
+        raise CheckpointError(f"cannot load the wind-tunnel checkpoint {path} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''}): delete it and re-run D1 "
+                              f"to train a new one") from None
     return model.eval(), ck

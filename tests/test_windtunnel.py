@@ -140,3 +140,19 @@ def test_rope_transformer_has_no_position_table_and_is_causal():
     changed[:, -1] = (changed[:, -1] - 6 + 1) % 6 + 6
     with torch.no_grad():
         assert torch.allclose(model(toks)[:, :-1], model(changed)[:, :-1], atol=1e-6)
+
+
+def test_checkpoint_round_trips_and_a_damaged_one_names_the_fix(tmp_path):
+    from labkit.runs import CheckpointError
+    from labkit.windtunnel import load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = TunnelTransformer(TunnelConfig(n_keys=6, n_pairs=5, n_layer=1, n_head=2, d_model=16, d_mlp=32))
+    path = tmp_path / "run" / "transformer.pt"
+    save_checkpoint(path, model, history={"steps_done": 3})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["transformer.pt"], "no temporary file may remain"
+    loaded, extra = load_checkpoint(path)
+    assert extra["history"]["steps_done"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    path.write_bytes(path.read_bytes()[:100])                       # a truncated file
+    with pytest.raises(CheckpointError, match="delete it and re-run D1"):
+        load_checkpoint(path)
