@@ -1,6 +1,6 @@
 """A GPT you can take apart: every modern component is one config switch away.
 
-Read top to bottom: config -> positions -> norms -> attention -> MLP / MoE -> block -> model.
+Read top to bottom: config -> positions -> norms -> KV cache -> attention -> MLP / MoE -> block -> model.
 The defaults build a small GPT-2-style model; ``GPT.from_hf`` builds SmolLM2 (a Llama) and
 reproduces Hugging Face's logits, which proves that the RoPE, RMSNorm, SwiGLU and grouped-query
 attention below are the real ones::
@@ -10,19 +10,29 @@ attention below are the real ones::
     model = GPT(replace(cfg, pos="rope", norm="rmsnorm", act="swiglu", n_kv_head=2))  # Llama style
     logits, loss = model(idx, targets)                  # idx, targets: (B, T) int64
 
+Decoding one token at a time reuses every earlier token's keys and values (notebook 06)::
+
+    cache = KVCache(model.cfg, batch_size=1, max_len=256)
+    logits, _ = model(prompt, cache=cache)              # prefill: the whole prompt at once
+    logits, _ = model(next_token, cache=cache)          # decode: one new token, the rest from the cache
+
 Hook points carry TransformerLens names (``blocks.3.hook_resid_pre``, ``blocks.3.attn.hook_pattern``
-...): they are identity modules, so ``model.get_submodule(name).register_forward_hook`` reads or
-edits the residual stream. Asking for ``hook_pattern`` switches that layer to the hand-written
-attention (SDPA never materialises the pattern); both paths give the same output (tests).
+...; the table is in ``labkit.hooks``): identity modules that ``labkit.hooks.capture`` / ``patch``
+read and edit by name. SDPA never materialises the attention pattern, so a layer computes the
+written-out attention while its pattern or scores are hooked (``Attention.written_out``,
+entered by ``labkit.hooks``) and SDPA otherwise; both paths give the same output (tests).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .hooks import HookPoint, HookSite
 
 OPTIONS = {"pos": ("learned", "sinusoidal", "rope", "alibi", "none"),
            "norm": ("layernorm", "rmsnorm", "none"),
@@ -51,7 +61,8 @@ class GPTConfig:
     top_k: int = 2                   # moe only: experts per token
     residual: bool = True            # False: only to break things (notebook 04)
     tie_embeddings: bool = True      # lm_head shares the token embedding (GPT-2, SmolLM2)
-    bias: bool = False
+    bias: bool = False               # every Linear and LayerNorm (GPT-2 had them)
+    qkv_bias: bool | None = None     # None: = bias. Qwen2 has biases on q, k, v only
     dropout: float = 0.0
     attn_impl: str = "sdpa"          # sdpa (fast) | manual (the formula, written out)
 
@@ -61,6 +72,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: use one of {allowed}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and n_head "
                              f"by n_kv_head ({self.n_kv_head})")
@@ -68,17 +81,14 @@ class GPTConfig:
             raise ValueError("RoPE rotates pairs of dimensions: the head size must be even")
         if self.ffn == "moe" and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window={self.window}: a token must see at least itself (window >= 1)")
         if self.d_ff is None:
             self.d_ff = 4 * self.n_embd if self.act != "swiglu" else 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-class HookPoint(nn.Identity):
-    """An identity layer with a name: hook it to read or edit the tensor passing through
-    (TransformerLens's HookPoint; ``labkit.hooks.capture`` / ``patch`` use them by name)."""
 
 
 # ----------------------------------------------------------------------------- positions
@@ -138,20 +148,139 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.Identity()
 
 
+# ----------------------------------------------------------------------------- KV cache
+
+@dataclass
+class CacheStep:
+    """What one forward pass through a ``KVCache`` needs, computed once for every layer."""
+    positions: torch.Tensor       # (B, T) absolute position of each new token; -1 for padding
+    allowed: torch.Tensor         # (B, 1, T, K) bool: new token t may read key slot k
+    key_positions: torch.Tensor   # (B, K) position held by each key slot the layers will read
+    write: slice | torch.Tensor   # which buffer slots the new keys and values go to
+    concat: bool                  # True: attend over (buffer, new keys), then write (a ring buffer's prefill)
+    n_write: int                  # how many of the new tokens are stored (the last n_write)
+
+
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, allocated once.
+
+    ``k`` and ``v`` are (n_layer, B, n_kv_head, S, head_dim): only the key/value heads are stored,
+    so with GQA the cache is n_head / n_kv_head times smaller than if every query head kept its
+    own (SmolLM2: 3 of 9). S = ``max_len``, or ``window`` for a sliding window: then the buffer
+    is a ring and token number t (counted from the first prefill) lives in slot t % window, so
+    memory stays constant however long the text grows, and only the last ``window`` positions
+    can be read. Keys are stored *after* RoPE: a cached key never needs rotating again.
+
+    A batch of prompts of different lengths is left-padded: ``pad_mask`` (B, T) marks real
+    tokens, pads take no position (row b's first real token is position 0) and are never read.
+
+    >>> cfg = GPTConfig(vocab_size=11, n_layer=2, n_head=4, n_kv_head=2, n_embd=16, pos="rope")
+    >>> cache = KVCache(cfg, batch_size=1, max_len=8)
+    >>> tuple(cache.k.shape), cache.bytes_per_token     # 2 (k, v) x 2 layers x 2 heads x 4 dims x 4 bytes
+    ((2, 1, 2, 8, 4), 128)
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, window: int | None = None,
+                 device=None, dtype: torch.dtype = torch.float32):
+        if window is not None and window < 1:
+            raise ValueError(f"window={window}: keep at least one position")
+        self.cfg, self.batch_size, self.window = cfg, batch_size, window
+        self.max_len = max_len
+        slots = window if window is not None else max_len
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, slots, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_pos = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)   # -1: empty
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
+        self.length = 0                                                            # tokens fed (pads too)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """2 (keys and values) x n_layer x n_kv_head x head_dim x bytes per number."""
+        return 2 * self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.head_dim * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.next_pos.zero_()
+        self.length = 0
+
+    def advance(self, T: int, pad_mask: torch.Tensor | None = None) -> CacheStep:
+        """Account for T new tokens: their positions, the slots they take, the mask every layer uses."""
+        B, device = self.batch_size, self.slot_pos.device
+        real = (torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None
+                else pad_mask.to(device=device, dtype=torch.bool))
+        if real.shape != (B, T):
+            raise ValueError(f"pad_mask has shape {tuple(real.shape)}, expected (batch, new tokens) = {(B, T)}")
+        positions = (self.next_pos[:, None] + real.long().cumsum(1) - 1).masked_fill(~real, -1)   # (B, T)
+        S, t0 = self.slot_pos.shape[1], self.length
+        if self.window is None and t0 + T > S:
+            raise ValueError(f"KV cache full: {t0} + {T} tokens > max_len={S}; build KVCache with a larger "
+                             f"max_len (or a window= for a ring buffer)")
+        if t0 + T <= S:                     # fits without wrapping: write, then read slots [0, t0 + T)
+            write, concat, n_write = slice(t0, t0 + T), False, T
+            self.slot_pos[:, write] = positions
+            key_positions = self.slot_pos[:, :t0 + T]
+        elif T == 1:                        # ring buffer, one token: it replaces the oldest slot
+            write, concat, n_write = slice(t0 % S, t0 % S + 1), False, 1
+            self.slot_pos[:, write] = positions
+            key_positions = self.slot_pos
+        else:                               # ring buffer, a chunk: read (old slots, new keys), keep the last S
+            n_write = min(T, S)
+            write, concat = torch.arange(t0 + T - n_write, t0 + T, device=device) % S, True
+            key_positions = torch.cat([self.slot_pos, positions], dim=1)
+            self.slot_pos[:, write] = positions[:, T - n_write:]
+        windows = [w for w in (self.cfg.window, self.window) if w is not None]
+        q, k = positions[:, :, None], key_positions[:, None, :]                  # (B, T, 1), (B, 1, K)
+        allowed = (k >= 0) & (k <= q)
+        if windows:
+            allowed &= (q - k) < min(windows)
+        allowed |= ~allowed.any(-1, keepdim=True)    # a pad query reads something: finite, never used
+        self.length += T
+        self.next_pos += real.sum(1)
+        return CacheStep(positions, allowed[:, None], key_positions, write, concat, n_write)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep):
+        """Put this layer's new keys/values (B, nkv, T, hd) in place; return what attention reads (B, nkv, K, hd)."""
+        ks, vs = self.k[layer], self.v[layer]
+        if step.concat:
+            k_all, v_all = torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)
+            ks[:, :, step.write], vs[:, :, step.write] = k[:, :, -step.n_write:], v[:, :, -step.n_write:]
+            return k_all, v_all
+        ks[:, :, step.write], vs[:, :, step.write] = k, v
+        K = step.key_positions.shape[1]
+        return ks[:, :, :K], vs[:, :, :K]
+
+
 # ----------------------------------------------------------------------------- attention
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # one matmul for q, k and v; with GQA k and v have fewer heads than q
-        self.qkv = nn.Linear(cfg.n_embd, (nh + 2 * nkv) * hd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, (nh + 2 * nkv) * hd, bias=cfg.qkv_bias)
         self.proj = nn.Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.hook_pattern = HookPoint()   # (B, nh, T, T) softmax weights, manual path only
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
+            setattr(self, f"hook_{name}", HookPoint())
         if cfg.pos == "alibi":
             self.register_buffer("slopes", alibi_slopes(nh), persistent=False)
+        self._written_out = 0     # > 0 while someone reads the pattern: the manual path runs
+
+    @contextlib.contextmanager
+    def written_out(self):
+        """Inside the block, compute attention with the formula written out (so scores and pattern
+        exist to be hooked), whatever ``cfg.attn_impl`` says. ``labkit.hooks`` enters it for you."""
+        self._written_out += 1
+        try:
+            yield self
+        finally:
+            self._written_out -= 1
 
     def mask(self, T: int, device) -> torch.Tensor:
         """(T, T) bool, True where query i may read key j: j <= i, and i - j < window."""
@@ -162,39 +291,49 @@ class Attention(nn.Module):
             allowed &= (i - j) < self.cfg.window
         return allowed
 
-    def forward(self, x, rope=None, attn_mask=None):
+    def forward(self, x, rope=None, attn_mask=None, kv: tuple[KVCache, CacheStep] | None = None):
+        """x (B, T, C) -> (B, T, C). ``rope``: cos/sin broadcastable to (B, nh, T, hd); ``attn_mask``:
+        (T, K) or (B, 1, T, K) bool, None = causal (+ window); ``kv``: (cache, step) when decoding."""
         B, T, C = x.shape
         cfg, nh, nkv, hd = self.cfg, self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)                      # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)                     # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)                     # (B, nkv, T, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if nkv < nh:  # GQA: query head h reads KV head h // (nh / nkv)
-            k = k.repeat_interleave(nh // nkv, dim=1)                 # (B, nh, T, hd)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        allowed = self.mask(T, x.device) if attn_mask is None else attn_mask   # (T, T) or (B, 1, T, T)
+        q = self.hook_q(q.view(B, T, nh, hd)).transpose(1, 2)          # (B, nh, T, hd)
+        k = self.hook_k(k.view(B, T, nkv, hd)).transpose(1, 2)         # (B, nkv, T, hd)
+        v = self.hook_v(v.view(B, T, nkv, hd)).transpose(1, 2)         # (B, nkv, T, hd)
+        if rope is not None:   # hooks see [B, T, H, hd], as TransformerLens's hook_rot_q
+            q = self.hook_rot_q(apply_rope(q, *rope).transpose(1, 2)).transpose(1, 2)
+            k = self.hook_rot_k(apply_rope(k, *rope).transpose(1, 2)).transpose(1, 2)
+        if kv is not None:     # keys and values of earlier tokens come from the cache
+            cache, step = kv
+            k, v = cache.store(self.layer, k, v, step)                # (B, nkv, K, hd)
+            attn_mask, q_pos, k_pos = step.allowed, step.positions, step.key_positions
+        else:
+            q_pos = k_pos = torch.arange(T, device=x.device)
+        K = k.shape[2]
         bias = None
         if cfg.pos == "alibi":  # penalty grows linearly with distance, a different slope per head
-            dist = (torch.arange(T, device=x.device)[:, None] - torch.arange(T, device=x.device)[None, :])
-            bias = -self.slopes.view(nh, 1, 1) * dist.clamp(min=0)    # (nh, T, T)
+            dist = (q_pos[..., :, None] - k_pos[..., None, :]).clamp(min=0)          # (T, K) or (B, T, K)
+            bias = -self.slopes.view(nh, 1, 1) * (dist if dist.dim() == 2 else dist[:, None])
         p_drop = self.dropout if self.training else 0.0
-        if cfg.attn_impl == "manual" or self.hook_pattern._forward_hooks:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)           # (B, nh, T, T)
+        if cfg.attn_impl == "manual" or self._written_out:
+            allowed = self.mask(T, x.device) if attn_mask is None else attn_mask    # (T, K) or (B, 1, T, K)
+            if nkv < nh:  # GQA: query head h reads KV head h // (nh / nkv)
+                k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)           # (B, nh, T, K)
             if bias is not None:
                 att = att + bias
-            att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            att = self.hook_pattern(att)
+            att = self.hook_attn_scores(att.masked_fill(~allowed, float("-inf")))
+            att = self.hook_pattern(att.softmax(dim=-1))
             y = F.dropout(att, p_drop, self.training) @ v             # (B, nh, T, hd)
-        elif bias is None and cfg.window is None and attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+        elif bias is None and cfg.window is None and attn_mask is None and T == K:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop, enable_gqa=nkv < nh)
         else:
-            mask = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, float("-inf"))
-            mask = mask if bias is None else mask + bias
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
-        y = y.transpose(1, 2).reshape(B, T, nh * hd)                  # (B, T, C): heads side by side
-        return self.proj(y)
+            allowed = self.mask(T, x.device) if attn_mask is None else attn_mask
+            mask = allowed if bias is None else torch.zeros(allowed.shape, device=x.device).masked_fill(
+                ~allowed, float("-inf")) + bias
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, enable_gqa=nkv < nh)
+        z = self.hook_z(y.transpose(1, 2))                            # (B, T, nh, hd): each head's output
+        return self.proj(z.reshape(B, T, nh * hd))                    # heads side by side, then mixed
 
 
 # ----------------------------------------------------------------------------- MLP and MoE
@@ -262,18 +401,20 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)), with the residual stream hooked."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.residual = cfg.residual
         self.ln_1, self.ln_2 = make_norm(cfg), make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = {"dense": MLP, "moe": MoE}[cfg.ffn](cfg) if cfg.ffn != "none" else None
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, x, rope=None, attn_mask=None):
+    def forward(self, x, rope=None, attn_mask=None, kv=None):
         x = self.hook_resid_pre(x)                                     # (B, T, C)
-        attn_out = self.hook_attn_out(self.attn(self.ln_1(x), rope, attn_mask))
+        h = self.ln_1(x)
+        attn_out = self.hook_attn_out(self.attn(h, rope, attn_mask) if kv is None else
+                                      self.attn(h, rope, attn_mask, kv=kv))
         x = self.hook_resid_mid(x + attn_out if self.residual else attn_out)
         if self.mlp is not None:
             mlp_out = self.hook_mlp_out(self.mlp(self.ln_2(x)))
@@ -288,8 +429,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.hook_embed = HookPoint()     # token (+ absolute position) embedding
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.hook_embed = HookPoint()     # token embeddings
+        self.hook_pos_embed = HookPoint() # absolute position vectors (learned / sinusoidal only)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -307,34 +449,63 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the embedding tables (the usual scaling-law N)."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameter count; by default without the embedding tables (Kaplan et al.'s N): the token
+        embedding, the unembedding when it is a separate matrix, and learned positions.
+
+        >>> tied = GPT(GPTConfig(vocab_size=100, n_layer=1, n_embd=32, n_head=2))
+        >>> untied = GPT(GPTConfig(vocab_size=100, n_layer=1, n_embd=32, n_head=2, tie_embeddings=False))
+        >>> tied.num_params() == untied.num_params(), untied.num_params(False) - tied.num_params(False)
+        (True, 3200)
+        """
+        n = sum(p.numel() for p in self.parameters())   # a tied matrix is counted once
         if non_embedding:
-            n -= self.wte.weight.numel() if self.cfg.tie_embeddings else 0
+            n -= self.wte.weight.numel()
+            n -= self.lm_head.weight.numel() if not self.cfg.tie_embeddings else 0
             n -= self.wpe.weight.numel() if self.wpe is not None else 0
         return n
 
-    def forward(self, idx, targets=None, attn_mask=None):
+    def forward(self, idx, targets=None, attn_mask=None, *, cache: KVCache | None = None,
+                pad_mask: torch.Tensor | None = None):
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over targets != -100.
 
         ``attn_mask`` (T, T) or (B, 1, T, T) bool, True where query i may read key j, replaces
         the causal (and window) mask: all True for a bidirectional encoder (masked LM), or
         bidirectional over a prefix and causal after it (prefix LM, notebook 11).
+        ``cache``: a ``KVCache``; the new tokens ``idx`` continue what it holds (decoding).
+        ``pad_mask`` (B, T) bool, with a cache: False marks left padding.
         """
         B, T = idx.shape
         cfg = self.cfg
-        if cfg.pos == "learned" and T > cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size={cfg.block_size}: learned "
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) for vocab_size={cfg.vocab_size}, got "
+                             f"min {int(idx.min())}, max {int(idx.max())}: encode with this model's tokenizer "
+                             f"(or build GPTConfig(vocab_size=...) from tokenizer.vocab_size)")
+        if cache is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask and cache cannot be combined: the cache builds its own mask")
+            step = cache.advance(T, pad_mask)
+            positions = step.positions.clamp(min=0)                                    # (B, T)
+        elif pad_mask is not None:
+            raise ValueError("pad_mask is for cached decoding of a left-padded batch: pass cache=KVCache(...)")
+        else:
+            step, positions = None, torch.arange(T, device=idx.device)                 # (T,)
+        if cfg.pos == "learned" and int(positions.max()) >= cfg.block_size:
+            raise ValueError(f"position {int(positions.max())} exceeds block_size={cfg.block_size}: learned "
                              f"positions have no row for it (rope, alibi, sinusoidal and none do)")
-        x = self.wte(idx)                                              # (B, T, C)
+        x = self.hook_embed(self.wte(idx))                             # (B, T, C)
         if cfg.pos == "learned":
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.hook_pos_embed(self.wpe(positions).expand(B, T, -1))
         elif cfg.pos == "sinusoidal":
-            x = x + sinusoidal_table(T, cfg.n_embd).to(x.device)
-        rope = self._rope(T, x.device) if cfg.pos == "rope" else None
-        x = self.hook_embed(self.drop(x))
+            table = sinusoidal_table(int(positions.max()) + 1, cfg.n_embd).to(x.device)
+            x = x + self.hook_pos_embed(table[positions].expand(B, T, -1))
+        rope = None
+        if cfg.pos == "rope":
+            cos, sin = self._rope(int(positions.max()) + 1, x.device)                  # (T_max, hd)
+            rope = (cos[:T], sin[:T]) if step is None else (cos[positions][:, None], sin[positions][:, None])
+        x = self.drop(x)
+        kv = None if cache is None else (cache, step)
         for block in self.blocks:
-            x = block(x, rope, attn_mask)
+            x = block(x, rope, attn_mask, kv)
         logits = self.lm_head(self.ln_f(x))                            # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -342,19 +513,29 @@ class GPT(nn.Module):
         return logits, loss
 
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos/sin tables for T positions, reused while T, device and theta stay the same
-        (notebook 02 edits ``cfg.rope_theta`` on a trained model: the key must include it)."""
-        key = (T, device, self.cfg.head_dim, self.cfg.rope_theta)
-        if getattr(self, "_rope_key", None) != key:
-            self._rope_tables = tuple(t.to(device) for t in rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta))
+        """RoPE's cos/sin tables for positions 0..T-1, reused while the tables cover T and device and
+        theta stay the same (notebook 02 edits ``cfg.rope_theta`` on a trained model)."""
+        key = (device, self.cfg.head_dim, self.cfg.rope_theta)
+        if getattr(self, "_rope_key", None) != key or self._rope_tables[0].shape[0] < T:
+            size = max(T, self.cfg.block_size)
+            self._rope_tables = tuple(t.to(device) for t in rope_cos_sin(size, self.cfg.head_dim, self.cfg.rope_theta))
             self._rope_key = key
         return self._rope_tables
 
-    def hook_points(self) -> dict:
-        """Every HookPoint by its module path, for ``labkit.hooks`` (capture, patch, run_with_cache)."""
-        from .hooks import HookSite
-        return {name: HookSite(mod, "output") for name, mod in self.named_modules()
-                if isinstance(mod, HookPoint)}
+    def hook_points(self) -> dict[str, HookSite]:
+        """Every HookPoint by its module path (the protocol of ``labkit.hooks``). The pattern and
+        the scores exist only on the written-out path: hooking them switches that layer to it."""
+        points = {}
+        for name, mod in self.named_modules():
+            if isinstance(mod, HookPoint):
+                owner = self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self
+                needs_formula = name.endswith(("hook_pattern", "hook_attn_scores"))
+                points[name] = HookSite(mod, "output", requires=owner.written_out if needs_formula else None)
+        if self.wpe is None and self.cfg.pos != "sinusoidal":
+            del points["hook_pos_embed"]                               # no absolute positions to hook
+        if self.cfg.pos != "rope":
+            points = {n: p for n, p in points.items() if not n.endswith(("hook_rot_q", "hook_rot_k"))}
+        return points
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward pass (0 without MoE)."""
@@ -380,20 +561,30 @@ class GPT(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model) -> "GPT":
-        """Copy a Hugging Face Llama-family causal LM (e.g. SmolLM2) into this class."""
+        """Copy a Hugging Face Llama, Mistral or Qwen2 causal LM (e.g. SmolLM2) into this class."""
         c = hf_model.config
         if c.model_type not in ("llama", "qwen2", "mistral"):
-            raise ValueError(f"from_hf supports Llama-style models, got model_type={c.model_type!r}")
+            raise ValueError(f"from_hf copies Llama, Mistral and Qwen2 models (pre-norm, RoPE, SwiGLU, GQA); "
+                             f"got model_type={c.model_type!r}")
         rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not implemented here")
+        if getattr(c, "mlp_bias", False) or getattr(c, "hidden_act", "silu") != "silu":
+            raise ValueError("from_hf expects a SwiGLU MLP (silu, no bias)")
+        qkv_bias = c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False))
+        o_bias = bool(getattr(c, "attention_bias", False)) and c.model_type != "qwen2"
+        if c.model_type == "qwen2" and getattr(c, "use_sliding_window", False):
+            raise ValueError("Qwen2 with use_sliding_window=True (windows on some layers only) is not supported")
+        window = getattr(c, "sliding_window", None)
         cfg = GPTConfig(vocab_size=c.vocab_size, block_size=c.max_position_embeddings,
                         n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
                         n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size, d_ff=c.intermediate_size,
                         pos="rope", rope_theta=rope["rope_theta"], norm="rmsnorm", norm_eps=c.rms_norm_eps,
-                        act="swiglu", tie_embeddings=c.tie_word_embeddings,
-                        bias=bool(getattr(c, "attention_bias", False)))
-        if getattr(c, "head_dim", cfg.head_dim) != cfg.head_dim:
+                        act="swiglu", tie_embeddings=c.tie_word_embeddings, bias=False, qkv_bias=qkv_bias,
+                        window=window if c.model_type == "mistral" else None)
+        if o_bias:
+            raise ValueError("an output-projection bias (attention_bias=True on Llama) is not supported here")
+        if getattr(c, "head_dim", None) not in (None, cfg.head_dim):
             raise ValueError("head_dim != hidden_size / num_attention_heads is not supported")
         model = cls(cfg)
         hf = hf_model.model
@@ -403,7 +594,7 @@ class GPT(nn.Module):
                 a = layer.self_attn
                 block.ln_1.weight.copy_(layer.input_layernorm.weight)
                 block.attn.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-                if cfg.bias:
+                if qkv_bias:
                     block.attn.qkv.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
                 block.attn.proj.weight.copy_(a.o_proj.weight)
                 block.ln_2.weight.copy_(layer.post_attention_layernorm.weight)

@@ -1,15 +1,21 @@
 """Read and edit what a transformer computes inside, under TransformerLens's names.
 
-A decoder block adds two things to the residual stream: ``x + attn(norm(x))``, then
-``+ mlp(norm(.))``. These names (TransformerLens's, so ARENA readers know them) expose every
+A decoder block adds two things to the residual stream: what attention writes, then what the
+MLP writes. These names (TransformerLens's, so ARENA readers know them) expose every
 intermediate of block ``i``, shapes for B sequences of T tokens:
 
-    hook_embed                     [B, T, d_model]          token embeddings (no position vector in Llama)
+    hook_embed                     [B, T, d_model]          token embeddings (Gemma: already x sqrt(d_model))
+    hook_pos_embed                 [B, T, d_model]          absolute positions (labkit GPT, learned/sinusoidal only)
     blocks.{i}.hook_resid_pre      [B, T, d_model]          what block i reads
+    blocks.{i}.attn.hook_q         [B, T, n_heads, d_head]  queries, before RoPE (after q_norm where there is one)
+    blocks.{i}.attn.hook_k / _v    [B, T, n_kv_heads, d_head]  keys (before RoPE) and values: GQA stores fewer
+    blocks.{i}.attn.hook_rot_q/_k  [B, T, heads, d_head]    after RoPE (labkit GPT only: HF applies RoPE inline)
+    blocks.{i}.attn.hook_attn_scores [B, n_heads, T_q, T_k] scaled, masked scores (labkit GPT only)
     blocks.{i}.attn.hook_pattern   [B, n_heads, T_q, T_k]   softmax weights; row q sums to 1
-    blocks.{i}.attn.hook_z         [B, T, n_heads, d_head]  each head's output, before o_proj mixes them
-    blocks.{i}.hook_attn_out       [B, T, d_model]          what attention adds
+    blocks.{i}.attn.hook_z         [B, T, n_heads, d_head]  each head's output, before the output projection
+    blocks.{i}.hook_attn_out       [B, T, d_model]          what attention adds to the residual stream
     blocks.{i}.hook_resid_mid      [B, T, d_model]          = resid_pre + attn_out
+    blocks.{i}.mlp.hook_post       [B, T, d_mlp]            hidden activations (gated: act(gate) * up)
     blocks.{i}.hook_mlp_out        [B, T, d_model]          what the MLP adds
     blocks.{i}.hook_resid_post     [B, T, d_model]          = resid_mid + mlp_out = resid_pre of block i+1
 
@@ -30,11 +36,17 @@ Editing (ablations, patching)::
     >>> with patch(model, {"blocks.0.hook_mlp_out": zero}):               # doctest: +SKIP
     ...     loss = model(ids, labels=ids).loss
 
-Which models: Hugging Face Llama-family decoders (Llama, SmolLM2, Qwen2/3, Mistral: blocks
-with ``self_attn``, ``mlp``, ``post_attention_layernorm``), also wrapped by peft. Any other
-model plugs in by defining ``hook_points()`` returning ``{name: HookSite}`` (the labkit GPT
-does, via its HookPoint modules); nothing else here changes. Attention patterns need eager attention (SDPA never
-materialises the weights): ``labkit.load_model()`` loads eager by default.
+**One protocol.** A model plugs in by a ``hook_points()`` method returning ``{name: HookSite}``
+(the labkit GPT does: its ``HookPoint`` modules, below); Hugging Face decoders are adapted here,
+per architecture (``LAYOUTS``), because the *same* module names mean different things across
+families: in Llama ``post_attention_layernorm`` is the norm *before the MLP*, in Gemma 2/3 and
+OLMo 2 it normalises attention's *output* before the residual add. A layout is listed only
+after the identities above were checked on a tiny random model of that family
+(tests/test_hooks.py); any other architecture raises ``UnsupportedModelError`` naming the
+supported ones, never a silently wrong name. Attention patterns need the weights materialised:
+HF models must be loaded with ``attn_implementation="eager"`` (``labkit.load_model()`` does);
+the labkit GPT switches to its written-out attention by itself while a pattern is hooked
+(``HookSite.requires``), and back afterwards.
 
 Grouped-query attention (GQA): SmolLM2 has 9 query heads but only 3 key/value heads, so
 query heads share keys and values in groups: ``kv_head_of(model.config)`` says which.
@@ -43,9 +55,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, ContextManager, Iterable, Union
 
 import torch
 from torch import nn
@@ -54,14 +66,24 @@ NamesFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 PatchFn = Callable[[torch.Tensor, str], torch.Tensor]   # (value, hook name) -> new value
 
 
+# ----------------------------------------------------------------------------- the protocol
+
+class HookPoint(nn.Identity):
+    """An identity layer with a name: hook it to read or edit the tensor passing through
+    (TransformerLens's HookPoint). Models built from them list them in ``hook_points()``."""
+
+
 @dataclass(frozen=True)
 class HookSite:
     """Where one named activation lives: the ``input`` or ``output`` of ``module``.
 
-    ``index`` picks one element when the module returns (or takes) a tuple; ``view`` and
-    ``unview`` reshape between the module's layout and the name's layout (hook_z splits
-    o_proj's input ``[B, T, n_heads*d_head]`` into ``[B, T, n_heads, d_head]``).
+    ``index`` picks one element when the module returns (or takes) a tuple; ``view`` turns
+    the module's layout into the name's (hook_z splits o_proj's input ``[B, T, n_heads*d_head]``
+    into ``[B, T, n_heads, d_head]``); a patched value goes back through ``unview`` (default: a
+    reshape to the module's shape).
     ``patchable=False`` marks values the model has already used when we see them.
+    ``requires`` is entered while a hook is attached and left when it is removed: the labkit
+    GPT's attention computes its pattern only while someone asks for it.
     """
     module: nn.Module
     site: str                      # "input" | "output"
@@ -69,20 +91,85 @@ class HookSite:
     view: Callable[[torch.Tensor], torch.Tensor] | None = None
     unview: Callable[[torch.Tensor], torch.Tensor] | None = None
     patchable: bool = True
+    requires: Callable[[], ContextManager] | None = None
 
 
-# ----------------------------------------------------------------------------- model adapters
+class UnsupportedModelError(TypeError):
+    """A model whose decoder layout labkit.hooks does not know: names would be silently wrong."""
+
+
+# ----------------------------------------------------------------------------- HF adapters
+
+@dataclass(frozen=True)
+class Layout:
+    """Where, inside one HF decoder layer, attention's and the MLP's residual writes are read.
+
+    Each entry is ``(path of a submodule, "input" | "output")``; the path is relative to the
+    decoder layer. The three layouts differ only in where the norms sit.
+    """
+    attn_out: tuple[str, str]
+    resid_mid: tuple[str, str]
+    mlp_out: tuple[str, str]
+    heads_first_qk_norm: bool = False   # Gemma 3 normalises q, k after moving heads first: [B, H, T, dh]
+
+
+# Llama: x + attn(norm(x)); post_attention_layernorm is the *pre-MLP* norm.
+PRE_NORM = Layout(attn_out=("self_attn", "output"), resid_mid=("post_attention_layernorm", "input"),
+                  mlp_out=("mlp", "output"))
+# Phi-3: the same, with a dropout on each residual write (identity in eval; read after it).
+PRE_NORM_DROPOUT = Layout(attn_out=("resid_attn_dropout", "output"),
+                          resid_mid=("post_attention_layernorm", "input"),
+                          mlp_out=("resid_mlp_dropout", "output"))
+# Gemma 2/3: "sandwich" norms, x + norm(attn(norm(x))): what is added is the *normed* output.
+SANDWICH = Layout(attn_out=("post_attention_layernorm", "output"),
+                  resid_mid=("pre_feedforward_layernorm", "input"),
+                  mlp_out=("post_feedforward_layernorm", "output"))
+GEMMA3 = replace(SANDWICH, heads_first_qk_norm=True)   # Gemma 3: the same, q and k normed per head
+# OLMo 2: no pre-norms at all, x + norm(attn(x)); the MLP reads resid_mid itself.
+POST_NORM = Layout(attn_out=("post_attention_layernorm", "output"), resid_mid=("mlp", "input"),
+                   mlp_out=("post_feedforward_layernorm", "output"))
+
+# model_type -> layout. Only families whose identities are tested (tests/test_hooks.py).
+LAYOUTS: dict[str, Layout] = {
+    "llama": PRE_NORM, "mistral": PRE_NORM, "qwen2": PRE_NORM, "qwen3": PRE_NORM, "gemma": PRE_NORM,
+    "gemma2": SANDWICH, "gemma3": GEMMA3, "gemma3_text": GEMMA3,
+    "phi3": PRE_NORM_DROPOUT,
+    "olmo2": POST_NORM,
+}
+
+
+def model_type_of(model: nn.Module) -> str:
+    """The HF ``model_type`` of a (possibly peft-wrapped, possibly multimodal) causal LM."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has neither hook_points() nor a Hugging Face "
+                                    f"config: define model.hook_points() returning {{name: HookSite}}")
+    config = getattr(config, "text_config", None) or config   # Gemma 3 multimodal: its language model
+    return config.model_type
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The decoder layout of an HF model; one clear error for an architecture not checked here."""
+    kind = model_type_of(model)
+    if kind not in LAYOUTS:
+        raise UnsupportedModelError(
+            f"labkit.hooks has no checked decoder layout for model_type={kind!r}; supported: "
+            f"{', '.join(sorted(LAYOUTS))}. Families place their norms differently (Gemma 2/3 and OLMo 2 "
+            f"normalise each sublayer's output), so guessing would give silently wrong names. "
+            f"Use one of those, the labkit GPT, or add a Layout to labkit.hooks.LAYOUTS after its "
+            f"identities pass (see tests/test_hooks.py).")
+    return LAYOUTS[kind]
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks of a Llama-family model (found by shape, so peft wrappers work)."""
+    """The stack of decoder blocks: the ModuleList of ``*DecoderLayer`` modules (so peft wrappers
+    and multimodal models work: a vision tower's encoder layers are not decoder layers)."""
+    layout_of(model)
     for _, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) and all(
-                hasattr(b, "self_attn") and hasattr(b, "mlp") and hasattr(b, "post_attention_layernorm")
-                for b in mod):
+                type(b).__name__.endswith("DecoderLayer") for b in mod):
             return mod
-    raise TypeError(f"{type(model).__name__} has no Llama-family decoder blocks (a ModuleList of "
-                    f"modules with self_attn, mlp, post_attention_layernorm); define "
-                    f"model.hook_points() returning {{name: HookSite}} to plug it in")
+    raise UnsupportedModelError(f"{type(model).__name__} has no ModuleList of *DecoderLayer modules")
 
 
 def head_dims(config) -> tuple[int, int, int]:
@@ -92,6 +179,7 @@ def head_dims(config) -> tuple[int, int, int]:
     >>> head_dims(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3))
     (9, 3, 64)
     """
+    config = getattr(config, "text_config", None) or config
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
@@ -108,37 +196,71 @@ def kv_head_of(config) -> list[int]:
     [0, 0, 0, 1, 1, 1, 2, 2, 2]
     """
     n_heads, n_kv, _ = head_dims(config)
-    assert n_heads % n_kv == 0, f"{n_heads} query heads cannot share {n_kv} kv heads evenly"
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} kv heads evenly")
     return [h // (n_heads // n_kv) for h in range(n_heads)]
 
 
-def hook_points(model: nn.Module) -> dict[str, HookSite]:
-    """Every hookable name of ``model``, in forward order.
+def _split_heads(n: int, d_head: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[B, T, n*d_head]`` -> ``[B, T, n, d_head]`` (a tensor already split passes unchanged:
+    Qwen3 and Gemma 3 normalise q and k per head, after splitting them)."""
+    return lambda t: t if t.dim() == 4 else t.unflatten(-1, (n, d_head))
 
-    A model with its own ``hook_points()`` method decides for itself (the labkit GPT plugs in so).
-    """
-    if callable(getattr(model, "hook_points", None)):
-        return model.hook_points()
-    n_heads, _, d_head = head_dims(model.config)
-    split = lambda z: z.unflatten(-1, (n_heads, d_head))     # [B,T,H*dh] -> [B,T,H,dh]
-    merge = lambda z: z.flatten(-2)                          # [B,T,H,dh] -> [B,T,H*dh]
+
+def _qkv_sites(attn: nn.Module, n_heads: int, n_kv: int, d_head: int, layout: Layout) -> dict[str, HookSite]:
+    """hook_q / hook_k / hook_v of one HF attention module: the tensors scores are made of, before RoPE."""
+    if hasattr(attn, "qkv_proj"):   # Phi-3 fuses the three projections: read-only slices of one output
+        bounds = {"q": (0, n_heads * d_head), "k": (n_heads * d_head, (n_heads + n_kv) * d_head),
+                  "v": ((n_heads + n_kv) * d_head, (n_heads + 2 * n_kv) * d_head)}
+        return {f"attn.hook_{x}": HookSite(attn.qkv_proj, "output", None, patchable=False,
+                                           view=lambda t, a=a, b=b, n=(b - a) // d_head:
+                                           t[..., a:b].unflatten(-1, (n, d_head)))
+                for x, (a, b) in bounds.items()}
+    sites = {}
+    for x, n in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
+        norm = getattr(attn, f"{x}_norm", None)   # Qwen3, Gemma 3, OLMo 2 normalise q and k before RoPE
+        if norm is not None and layout.heads_first_qk_norm:
+            swap = lambda t: t.transpose(1, 2)                              # [B, H, T, dh] <-> [B, T, H, dh]
+            sites[f"attn.hook_{x}"] = HookSite(norm, "output", None, view=swap, unview=swap)
+            continue
+        module = norm if norm is not None else getattr(attn, f"{x}_proj")
+        sites[f"attn.hook_{x}"] = HookSite(module, "output", None, view=_split_heads(n, d_head))
+    return sites
+
+
+def hf_hook_points(model: nn.Module) -> dict[str, HookSite]:
+    """The names above for a Hugging Face decoder of a supported family, in forward order."""
+    layout = layout_of(model)
+    n_heads, n_kv, d_head = head_dims(model.config)
+    split = _split_heads(n_heads, d_head)
     points = {"hook_embed": HookSite(model.get_input_embeddings(), "output")}
     for i, block in enumerate(decoder_layers(model)):
         attn = block.self_attn
+        site = lambda where, **kw: HookSite(block.get_submodule(where[0]), where[1],
+                                             0 if where[1] == "input" or where[0] == "self_attn" else None, **kw)
+        points[f"blocks.{i}.hook_resid_pre"] = HookSite(block, "input", 0)
+        points.update({f"blocks.{i}.{k}": v for k, v in _qkv_sites(attn, n_heads, n_kv, d_head, layout).items()})
         points.update({
-            f"blocks.{i}.hook_resid_pre": HookSite(block, "input", 0),
             # the eager attention returns (output, weights): the weights, after they were used
             f"blocks.{i}.attn.hook_pattern": HookSite(attn, "output", 1, patchable=False),
-            f"blocks.{i}.attn.hook_z": HookSite(attn.o_proj, "input", 0, view=split, unview=merge),
-            f"blocks.{i}.hook_attn_out": HookSite(attn, "output", 0),
-            # resid_mid is *measured* (what the second norm reads), not computed as a sum, so
+            f"blocks.{i}.attn.hook_z": HookSite(attn.o_proj, "input", 0, view=split),
+            f"blocks.{i}.hook_attn_out": site(layout.attn_out),
+            # resid_mid is *measured* (what the next sublayer reads), never computed as a sum, so
             # the test resid_mid == resid_pre + attn_out checks the names, not an identity
-            f"blocks.{i}.hook_resid_mid": HookSite(block.post_attention_layernorm, "input", 0,
-                                                    patchable=False),
-            f"blocks.{i}.hook_mlp_out": HookSite(block.mlp, "output", None),
+            f"blocks.{i}.hook_resid_mid": site(layout.resid_mid, patchable=False),
+            f"blocks.{i}.mlp.hook_post": HookSite(block.mlp.down_proj, "input", 0),
+            f"blocks.{i}.hook_mlp_out": site(layout.mlp_out),
             f"blocks.{i}.hook_resid_post": HookSite(block, "output", None),
         })
     return points
+
+
+def hook_points(model: nn.Module) -> dict[str, HookSite]:
+    """Every hookable name of ``model``, in forward order: its own ``hook_points()`` if it has one
+    (the labkit GPT), else the adapter for its Hugging Face family."""
+    if callable(getattr(model, "hook_points", None)):
+        return model.hook_points()
+    return hf_hook_points(model)
 
 
 def select(names: Iterable[str], names_filter: NamesFilter) -> list[str]:
@@ -226,10 +348,29 @@ def _get(point: HookSite, args, kwargs, output, name: str):
     return point.view(value) if point.view else value
 
 
-def _register(point: HookSite, name: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:
+class _Handle:
+    """Removes a torch hook and leaves the site's ``requires`` context (if any): one ``remove()``."""
+
+    def __init__(self, handle, context: ContextManager | None):
+        self.handle, self.context = handle, context
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+
+def _register(point: HookSite, name: str, fn: Callable) -> _Handle:
     """Attach ``fn(value) -> new value or None`` to the point; None leaves the model untouched."""
     def replace(old, new, index):
-        new = point.unview(new) if point.unview else new
+        """``old`` with the element at ``index`` (or all of it) replaced by ``new``, in its layout."""
+        original = old if index is None else old[index]
+        original = original[0] if isinstance(original, tuple) else original
+        if point.unview is not None:
+            new = point.unview(new)
+        elif point.view is not None:
+            new = new.reshape(original.shape)
         if index is None:
             return (new,) + tuple(old[1:]) if isinstance(old, tuple) else new
         return tuple(old[:index]) + (new,) + tuple(old[index + 1:])
@@ -242,13 +383,18 @@ def _register(point: HookSite, name: str, fn: Callable) -> torch.utils.hooks.Rem
             if args:
                 return replace(args, new, point.index), kwargs
             key = _input_key(kwargs)
-            return args, {**kwargs, key: point.unview(new) if point.unview else new}
-        return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def hook(module, args, output):
-        new = fn(_get(point, args, {}, output, name))
-        return None if new is None else replace(output, new, point.index)
-    return point.module.register_forward_hook(hook)
+            return args, {**kwargs, key: replace(kwargs[key], new, None)}
+        handle = point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(module, args, output):
+            new = fn(_get(point, args, {}, output, name))
+            return None if new is None else replace(output, new, point.index)
+        handle = point.module.register_forward_hook(hook)
+    context = None
+    if point.requires is not None:
+        context = point.requires()
+        context.__enter__()
+    return _Handle(handle, context)
 
 
 @contextlib.contextmanager
@@ -286,8 +432,8 @@ def patch(model: nn.Module, fns: dict[str, PatchFn]):
     """Replace activations during the ``with`` block: ``{name: fn(value, name) -> new value}``.
 
     ``value`` is in the name's layout (hook_z: ``[B, T, n_heads, d_head]``, so one head is
-    ``value[:, :, h]``). Patterns and resid_mid are read-only here: the model has already
-    used them when the hook sees them; patch ``hook_z`` or ``hook_attn_out`` instead.
+    ``value[:, :, h]``). Patterns and resid_mid are read-only on HF models: the model has
+    already used them when the hook sees them; patch ``hook_z`` or ``hook_attn_out`` instead.
     """
     points = hook_points(model)
     unknown = [n for n in fns if n not in points]
@@ -307,15 +453,28 @@ def patch(model: nn.Module, fns: dict[str, PatchFn]):
             h.remove()
 
 
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """Logits ``[B, T, vocab]`` of either kind of model: HF (``model(input_ids=...).logits``)
+    or one returning ``(logits, loss)`` like the labkit GPT. Inputs go to the model's device."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if callable(getattr(model, "hook_points", None)):
+        out = model(input_ids, **forward_kwargs)
+        return out[0] if isinstance(out, tuple) else out
+    return model(input_ids=input_ids, **forward_kwargs).logits
+
+
 @torch.no_grad()
 def run_with_cache(model: nn.Module, input_ids: torch.Tensor, names_filter: NamesFilter = None,
                    **forward_kwargs) -> tuple[torch.Tensor, ActivationCache]:
-    """One forward pass: ``(logits [B, T, vocab] on CPU, cache)``."""
+    """One forward pass: ``(logits [B, T, vocab] on CPU, cache)``, for HF models and the labkit GPT."""
     with capture(model, names_filter) as cache:
-        out = model(input_ids=input_ids.to(model.device), **forward_kwargs)
-    return out.logits.detach().cpu(), cache
+        logits = forward_logits(model, input_ids, **forward_kwargs)
+    return logits.detach().cpu(), cache
 
 
 def n_hooks(model: nn.Module) -> int:
-    """How many forward (pre-)hooks are attached anywhere in ``model`` (0 when nothing leaked)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """How many of labkit's forward (pre-)hooks are attached anywhere in ``model`` (0 when nothing
+    leaked). Hooks that transformers installs itself (to record hidden states) are not counted."""
+    return sum(getattr(fn, "__module__", None) == __name__
+               for m in model.modules() for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))

@@ -4,7 +4,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from labkit.gpt import GPT, GPTConfig, MoE, apply_rope, rope_cos_sin
+from labkit.gpt import GPT, GPTConfig, KVCache, MoE, apply_rope, rope_cos_sin
+from labkit.hooks import capture
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 VARIANTS = {
@@ -47,13 +48,9 @@ def test_future_tokens_never_change_past_logits(variant):
 
 def test_pattern_hook_sees_causal_windowed_rows_that_sum_to_one():
     model = GPT(replace(TINY, window=4)).eval()
-    seen = {}
-    handle = model.get_submodule("blocks.1.attn.hook_pattern").register_forward_hook(
-        lambda mod, inp, out: seen.setdefault("p", out))
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, "blocks.1.attn.hook_pattern") as cache:
         model(tokens(T=12))
-    handle.remove()
-    p = seen["p"]                                                   # (B, nh, T, T)
+    p = cache["blocks.1.attn.hook_pattern"]                         # (B, nh, T, T)
     assert p.shape == (2, 4, 12, 12)
     assert torch.allclose(p.sum(-1), torch.ones(2, 4, 12), atol=1e-6)
     i, j = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
@@ -195,3 +192,119 @@ def test_changing_rope_theta_on_a_built_model_changes_its_output():
         model.cfg.rope_theta = 10000.0
         restored = model(idx)[0]
     assert not torch.allclose(before, after) and torch.equal(before, restored)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+def decode_with_cache(model, idx, prefill: int, cache: KVCache, chunk: int = 1):
+    """Logits for every position of idx: the first ``prefill`` tokens at once, then ``chunk`` at a time."""
+    out = [model(idx[:, :prefill], cache=cache)[0]]
+    for t in range(prefill, idx.shape[1], chunk):
+        out.append(model(idx[:, t:t + chunk], cache=cache)[0])
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_cached_decoding_equals_the_full_forward(variant, chunk):
+    torch.manual_seed(0)
+    model = GPT(replace(TINY, **VARIANTS[variant])).eval()
+    idx = tokens(T=20)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cached = decode_with_cache(model, idx, 7, KVCache(model.cfg, 2, max_len=20), chunk)
+    assert (full - cached).abs().max() < 1e-5, f"{variant}: cached decoding differs"
+
+
+def test_a_left_padded_batch_equals_each_prompt_alone():
+    torch.manual_seed(0)
+    model = GPT(replace(TINY, **VARIANTS["llama"])).eval()
+    short, long = tokens(T=5, seed=1, B=1), tokens(T=9, seed=2, B=1)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])   # (2, 9)
+    pad_mask = batch.new_ones(batch.shape, dtype=torch.bool)
+    pad_mask[0, :4] = False
+    nxt = tokens(T=3, seed=3)                                       # 3 more tokens per row
+    with torch.no_grad():
+        cache = KVCache(model.cfg, 2, max_len=12)
+        first = model(batch, cache=cache, pad_mask=pad_mask)[0][:, -1]
+        rest = torch.cat([model(nxt[:, [t]], cache=cache)[0] for t in range(3)], 1)
+        for row, prompt in enumerate((short, long)):
+            alone = model(torch.cat([prompt, nxt[[row]]], 1))[0]    # (1, T + 3, V)
+            assert (alone[0, prompt.shape[1] - 1] - first[row]).abs().max() < 1e-5, f"row {row}: prefill"
+            assert (alone[0, -3:] - rest[row]).abs().max() < 1e-5, f"row {row}: decoding after padding"
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_a_ring_buffer_cache_equals_masked_sliding_window_attention(pos):
+    """A cache that keeps only the last W positions = a model whose attention is masked to a window W."""
+    torch.manual_seed(0)
+    windowed = GPT(replace(TINY, pos=pos, window=6)).eval()
+    full_attention = GPT(replace(TINY, pos=pos)).eval()
+    full_attention.load_state_dict(windowed.state_dict())
+    idx = tokens(T=24)
+    with torch.no_grad():
+        want = windowed(idx)[0]                                     # masked, no cache
+        ring = decode_with_cache(windowed, idx, 10, KVCache(windowed.cfg, 2, max_len=24, window=6))
+        ring_full = decode_with_cache(full_attention, idx, 10, KVCache(full_attention.cfg, 2, max_len=24, window=6))
+        chunks = decode_with_cache(windowed, idx, 4, KVCache(windowed.cfg, 2, max_len=24, window=6), chunk=5)
+    cache = KVCache(windowed.cfg, 2, max_len=24, window=6)
+    assert cache.k.shape[3] == 6, "the ring holds window slots, not max_len"
+    for name, got in (("ring", ring), ("ring, full-attention model", ring_full), ("ring, chunks of 5", chunks)):
+        assert (want - got).abs().max() < 1e-5, f"{pos} {name}: differs from masked sliding-window attention"
+
+
+def test_cache_misuse_fails_clearly():
+    model = GPT(replace(TINY, pos="rope")).eval()
+    cache = KVCache(model.cfg, 2, max_len=8)
+    with pytest.raises(ValueError, match="KV cache full.*larger max_len"):
+        model(tokens(T=9), cache=cache)
+    with pytest.raises(ValueError, match="pad_mask has shape"):
+        model(tokens(T=4), cache=KVCache(model.cfg, 2, max_len=8), pad_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pass cache=KVCache"):
+        model(tokens(T=4), pad_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_token_ids_outside_the_vocabulary_fail_clearly():
+    model = GPT(TINY)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\).*max 97.*tokenizer"):
+        model(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match="min -1"):
+        model(torch.tensor([[-1, 2]]))
+
+
+def test_num_params_excludes_every_embedding_table_tied_or_not():
+    blocks_only = sum(p.numel() for p in GPT(TINY).blocks.parameters()) + sum(p.numel() for p in GPT(TINY).ln_f.parameters())
+    for tie in (True, False):
+        model = GPT(replace(TINY, tie_embeddings=tie))
+        assert model.num_params() == blocks_only, f"tie_embeddings={tie}"
+        tables = 97 * 32 * (1 if tie else 2) + 32 * 32                  # wte (+ lm_head) + wpe
+        assert model.num_params(non_embedding=False) == blocks_only + tables
+
+
+def tiny_hf(kind: str):
+    import transformers as tf
+    config_cls, model_cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                             "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                     tie_word_embeddings=False, sliding_window=5 if kind == "mistral" else None)
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).eval()
+    with torch.no_grad():                  # HF initialises biases to 0: make dropping one visible
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_from_hf_equals_tiny_random_qwen2_and_mistral(kind):
+    """Qwen2 has biases on q, k, v (not o); this Mistral has a sliding window of 5 (sequence of 20)."""
+    hf = tiny_hf(kind)
+    ours = GPT.from_hf(hf)
+    assert ours.cfg.qkv_bias == (kind == "qwen2") and ours.cfg.window == (5 if kind == "mistral" else None)
+    idx = tokens(T=20)
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
+    assert diff < 1e-5, f"{kind}: logits differ by {diff:.2e}"
