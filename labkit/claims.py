@@ -9,7 +9,7 @@ is larger than what changing the seed does to either::
 
     rope, learned = Spread([2.31, 2.29, 2.33]), Spread([2.45, 2.41, 2.44])   # one value per seed
     cmp = compare(rope, learned, "rope", "learned")       # lower is better by default (losses)
-    print(cmp)                                            # rope < learned: gap 0.120 > spread 0.040 (3 seeds each)
+    print(cmp)                                            # rope < learned: gap 0.130 > spread 0.040 (3 seeds each)
     assert cmp.decided and cmp.better == "rope"
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def compare(a: Spread, b: Spread, name_a: str = "A", name_b: str = "B", lower_is
     difference from luck.
 
     >>> print(compare(Spread([2.31, 2.29, 2.33]), Spread([2.45, 2.41, 2.44]), "rope", "learned"))
-    rope < learned: gap 0.120 > spread 0.040 (3 seeds each)
+    rope < learned: gap 0.130 > spread 0.040 (3 seeds each)
     >>> print(compare(Spread([2.31, 2.29, 2.40]), Spread([2.35, 2.33, 2.37]), "rope", "learned"))
     no difference measurable between rope and learned: gap 0.040 <= spread 0.110 (3 seeds each)
     >>> print(compare(Spread([2.0]), Spread([3.0]), "x", "y"))
