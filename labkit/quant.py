@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -437,13 +438,38 @@ def _buffer_bytes(module: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
+_workspace = threading.local()
+
+
+def _scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused buffer for the de-quantized weight of the layer running now (one per thread,
+    as large as the largest layer so far). Why: a fresh 1-4 MB fp32 tensor per call is often
+    served by glibc as newly mapped pages, and faulting them in can cost more than the matmul
+    (the same int8 stack of SmolLM2's shapes took 2.0 M page faults in one run, 0.3 M in
+    another, and its speed followed). One reused buffer stays in cache: what is left is the
+    int8 -> fp32 conversion."""
+    n = math.prod(shape)
+    key = (dtype, device)
+    buffers = getattr(_workspace, "buffers", None) or {}
+    _workspace.buffers = buffers
+    if key not in buffers or buffers[key].numel() < n:
+        buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buffers[key][:n].view(shape)
+
+
+def _reuse_buffer(x: torch.Tensor) -> bool:
+    """Autograd keeps the weight of F.linear for the backward pass: then it must not be reused."""
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and one fp16 scale per output channel (weight-only: the
     input and the output stay fp32). y = (x @ q.T) * scale + bias.
 
-    ``kernel="dequant"``: convert the int8 codes to fp32 and call F.linear, every forward.
-    It saves memory, not time: each call writes an fp32 copy of the weight.
-    ``kernel="int8pack"``: torch's fused CPU kernel ``aten._weight_int8pack_mm``.
+    ``kernel="dequant"``: convert the int8 codes to fp32 (into a reused buffer that stays in
+    cache) and call F.linear, every forward: memory traffic is 1 byte per weight, plus the
+    conversion. ``kernel="int8pack"``: torch's fused CPU kernel ``aten._weight_int8pack_mm``.
+    Which one beats fp32 depends on the machine: measure it (notebooks 14 and 15).
 
     >>> layer = Int8Linear.from_linear(nn.Linear(64, 32))
     >>> layer.nbytes                                                # 64*32 int8 + 32 fp16 + 32 fp32 bias
@@ -481,8 +507,10 @@ class Int8Linear(nn.Module):
                                                     self.weight_int8, scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif self.kernel == "dequant":
+            codes = self.weight_int8                                            # (out, in) int8
+            w = _scratch(codes.shape, x.dtype, x.device).copy_(codes) if _reuse_buffer(x) else codes.to(x.dtype)
             # A per-row scale commutes with the matmul: scale the (.., out) result, not the weight.
-            y = F.linear(x, self.weight_int8.to(x.dtype)) * scale
+            y = F.linear(x, w) * scale
         else:
             raise ValueError(f"kernel={self.kernel!r}: use 'dequant' or 'int8pack'")
         return y if self.bias is None else y + self.bias
@@ -521,13 +549,16 @@ class Int4Linear(nn.Module):
             layer.bias.copy_(linear.bias.detach())
         return layer
 
-    def dequantize_weight(self) -> torch.Tensor:
+    def dequantize_weight(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """(out, in) fp32 weights; computed inside ``buffer`` when one is given (the forward pass
+        reuses one), else in a new tensor."""
         codes = unpack_int4(self.weight_packed)                                 # (out, in) 1..15
         n_groups = self.scale.size(1)
         if n_groups * self.group_size > self.in_features:                      # a short last group:
             codes = F.pad(codes, (0, n_groups * self.group_size - self.in_features), value=8)   # code 8 = 0.0
-        w = codes.view(self.out_features, n_groups, self.group_size).float()   # (out, n_groups, g)
-        # In place: out-of-place int8 arithmetic and a fresh product were measured 8x slower here.
+        codes = codes.view(self.out_features, n_groups, self.group_size)       # (out, n_groups, g)
+        w = codes.float() if buffer is None else buffer.view(codes.shape).copy_(codes)
+        # In place: out-of-place arithmetic would allocate and stream a new tensor per step.
         w.sub_(8).mul_(self.scale.float()[..., None])
         return w.view(self.out_features, -1)[:, :self.in_features]             # (out, in)
 
@@ -536,7 +567,9 @@ class Int4Linear(nn.Module):
         return _buffer_bytes(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                        # (..., in) -> (..., out)
-        return F.linear(x, self.dequantize_weight().to(x.dtype), self.bias)
+        n = self.out_features * self.scale.size(1) * self.group_size
+        buffer = _scratch((n,), torch.float32, x.device) if _reuse_buffer(x) else None
+        return F.linear(x, self.dequantize_weight(buffer).to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 groups of {self.group_size}"

@@ -249,6 +249,27 @@ def test_int8_and_int4_layers_compute_linear_with_their_dequantized_weight(bias)
         assert torch.allclose(layer(x), ref, atol=1e-5), f"{layer}: output differs from F.linear(x, w_hat)"
 
 
+def test_the_reused_weight_buffer_never_mixes_layers_or_breaks_autograd():
+    torch.manual_seed(0)
+    lins = [nn.Linear(64, 96), nn.Linear(96, 64), nn.Linear(64, 32)]
+    for make, fmt in [(Int8Linear.from_linear, "int8-row"), (lambda l: Int4Linear.from_linear(l, 32), "int4-g32")]:
+        layers = [make(lin) for lin in lins]
+        refs = [(fake_quantize(lin.weight, fmt)[0], lin.bias.detach()) for lin in lins]
+        x = torch.randn(5, 64, requires_grad=True)
+        y, y_ref = x, x
+        for layer, (w, b) in zip(layers, refs):
+            y, y_ref = layer(y).relu(), nn.functional.linear(y_ref, w, b).relu()
+        assert torch.allclose(y, y_ref, atol=1e-5)
+        grad, = torch.autograd.grad(y.square().sum(), x)
+        grad_ref, = torch.autograd.grad(y_ref.square().sum(), x)
+        assert torch.allclose(grad, grad_ref, atol=1e-5), f"{fmt}: gradients through the layers are wrong"
+        with torch.no_grad():                                            # the buffer path, layer after layer
+            y = x.detach()
+            for layer in layers:
+                y = layer(y).relu()
+        assert torch.allclose(y, y_ref.detach(), atol=1e-5), f"{fmt}: reusing the buffer changed the output"
+
+
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="no aten._weight_int8pack_mm")
 def test_int8pack_kernel_equals_the_dequantize_path():
     torch.manual_seed(0)
