@@ -170,7 +170,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
     ``freeze=True`` (the default, as peft) first freezes every parameter of the model, so the
     LoRA matrices are the only thing an optimizer over ``requires_grad`` parameters moves.
     Targets are suffixes (``"q_proj"``), full names or globs (``"mlp.*"``); ``"mlp.*"`` on the
-    labkit GPT wraps its MLP Linears. A target that matches nothing is an error (a typo would
+    labkit GPT wraps its MLP Linears (with ``ffn="moe"``: the router and every expert's). A target that matches nothing is an error (a typo would
     otherwise train nothing).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)

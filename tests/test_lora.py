@@ -272,3 +272,21 @@ def test_docstring_examples():
     import labkit.lora
     result = doctest.testmod(labkit.lora, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 5 and result.failed == 0, f"{result.failed} docstring example(s) no longer hold"
+
+
+def test_hooks_read_a_lora_model_under_the_same_names():
+    """B1 compares base vs fine-tuned attention: the hook names must survive the wrapping."""
+    from labkit.hooks import run_with_cache
+    base = tiny_llama()
+    base.set_attn_implementation("eager")                 # SDPA never materialises the pattern
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, before = run_with_cache(base, ids, ["attn.hook_z", "attn.hook_pattern"])
+        add_lora(base, r=4, alpha=8)                      # B = 0: the same model so far
+        _, same = run_with_cache(base, ids, ["attn.hook_z", "attn.hook_pattern"])
+        for m in lora_modules(base).values():
+            m.B.normal_()
+        _, moved = run_with_cache(base, ids, ["attn.hook_z", "attn.hook_pattern"])
+    for name in ("blocks.0.attn.hook_z", "blocks.1.attn.hook_pattern"):
+        assert torch.allclose(before[name], same[name], atol=1e-6)
+        assert not torch.allclose(before[name], moved[name], atol=1e-3)
