@@ -124,10 +124,6 @@ class Exercise:
         start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("def "))
         return "\n".join(lines[start:])
 
-    @property
-    def signature(self) -> str:
-        return f"{self.reference.__name__}{inspect.signature(self.reference)}"
-
     # --- running it ------------------------------------------------------------------------
     def behave(self, fn: Callable, case: Case) -> Behaviour:
         """Call ``fn`` on a fresh copy of ``case``'s inputs; record output or exception, and inputs after."""

@@ -136,7 +136,7 @@ class SelfCheck:
         lines = [f"{self.title}: {right}/{len(graded)} right" + (" ✓" if right == len(graded) else "")]
         for q, ok, given in graded:
             if ok:
-                lines.append(f"  ✓ {q.key}: {given} (this run: {q.accepted()})")
+                lines.append(f"  ✓ {q.key}: {given}" + (f" (this run: {q.accepted()})" if q.kind == "numeric" else ""))
             elif ok is None:
                 lines.append(f"  – {q.key}: not answered yet")
             else:
