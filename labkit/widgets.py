@@ -115,9 +115,11 @@ def explore(draw: Callable, *, live: bool | None = None, **controls) -> Explorer
     del wrapper.__wrapped__
     wrapper.__signature__ = inspect.Signature(params)
     handle.widget = widgets.interactive(wrapper, **controls)
-    for w in handle.widget.kwargs_widgets:           # redraw when a drag ends, not at every pixel
-        if hasattr(w, "continuous_update"):
+    for w in handle.widget.kwargs_widgets:
+        if hasattr(w, "continuous_update"):          # redraw when a drag ends, not at every pixel
             w.continuous_update = False
+        if hasattr(getattr(w, "style", None), "description_width"):
+            w.style.description_width = "initial"    # the whole name, not "temperat..."
     display(handle.widget)
     return handle
 
@@ -218,4 +220,4 @@ def softmax_explorer(weights: Callable, *, n_keys: int = 16, dims: Sequence[int]
         fig.tight_layout()
         return fig
 
-    return explore(draw, live=live, d=dims, temperature=(0.1, 5.0, 0.1), scaled=True)
+    return explore(draw, live=live, d=dims, temperature=(0.1, 10.0, 0.1), scaled=True)
