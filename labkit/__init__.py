@@ -5,12 +5,17 @@
     model, tok = labkit.load_model()                             # embedded SmolLM2, offline
     corpus = labkit.load_shakespeare()                           # train/val text
     enc = labkit.cl100k()                                        # GPT-4's tokenizer, offline
+    from labkit import exercises as ex                           # ex.check("03.causal_mask", fn)
+    labkit.explore(draw, layer=(0, 29))                          # controls that redraw a figure
+    for x in labkit.progress(xs, desc="eval"): ...               # a bar in JupyterLab only
 
 Modules, each with one job: ``runtime`` (profile, device, threads, seed, output dirs),
 ``assets`` (pinned offline assets), ``models`` (pretrained LMs), ``gpt`` (the from-scratch,
 swappable GPT), ``data`` (Shakespeare token ids), ``train`` (the one training loop, with its diagnostics), ``runs`` (run directories, metric logs, atomic checkpoints), ``hooks`` (read/edit activations by TransformerLens names), ``plotting``
 (figures), ``windtunnel`` (track D's task with an exact posterior), ``envcheck`` (is
-everything installed?), ``runner`` (execute notebooks in batch).
+everything installed?), ``runner`` (execute notebooks in batch), ``exercises`` (exercises with
+checkers, the end-of-part self-check, prediction verdicts), ``widgets`` (offline explorers and
+progress bars).
 """
 from .assets import (AssetCorruptError, AssetError, AssetUnavailableError, UnknownAssetError,
                      asset_dir, cl100k, load_chat_pairs, load_preferences, load_shakespeare,
@@ -20,6 +25,9 @@ from .hooks import capture, patch, run_with_cache
 from .models import ModelUnavailableError, load_model
 from .plotting import LiveCurves, heatmap, plot_curves, save_figure, set_theme
 from .runtime import Lab, Timing, pick_device, resolve_profile, seed_everything, setup, time_it
+from . import exercises, widgets
+from .exercises import verdict
+from .widgets import explore, progress
 
 __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", "time_it", "Timing",
            "asset_dir", "cl100k", "load_shakespeare", "load_model",
@@ -27,5 +35,6 @@ __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", 
            "capture", "patch", "run_with_cache",
            "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",
            "AssetError", "AssetCorruptError", "AssetUnavailableError", "UnknownAssetError",
-           "ModelUnavailableError"]
+           "ModelUnavailableError",
+           "exercises", "widgets", "explore", "progress", "verdict"]
 __version__ = "0.1.0"

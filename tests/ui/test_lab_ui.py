@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +67,40 @@ def slider_changes_output(page, output_scope, slider_description: str, timeout_s
         imgs = output_scope.locator("img")
         if readout.inner_text() != before_value and imgs.count() and \
                 imgs.first.get_attribute("src") not in (None, before_img):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def control_changes_output(page, output_scope, description: str, timeout_s: float = 30) -> bool:
+    """Move the control labelled exactly ``description`` — a slider (→ key), a dropdown (the next
+    option) or a checkbox (a click) — and return True if its value moved and the image in
+    ``output_scope`` changed."""
+    label = re.compile(rf"^\s*{re.escape(description)}\s*$")
+    slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=label))
+    dropdown = page.locator(".widget-dropdown", has=page.locator(".widget-label", has_text=label))
+    checkbox = page.locator(".widget-checkbox", has=page.locator("span", has_text=label))  # its label is a zero-width space
+    imgs = output_scope.locator("img")
+    before_img = imgs.first.get_attribute("src") if imgs.count() else None    # a broken callback leaves none
+    if slider.count():
+        value = slider.first.locator(".widget-readout").inner_text
+        before = value()
+        slider.first.locator(".noUi-handle").first.focus()
+        page.keyboard.press("ArrowRight")
+    elif dropdown.count():
+        select = dropdown.first.locator("select")
+        value, before = select.input_value, select.input_value()
+        options = select.locator("option").evaluate_all("os => os.map(o => o.value)")
+        select.select_option(options[(options.index(before) + 1) % len(options)])
+    elif checkbox.count():
+        box = checkbox.first.locator("input[type=checkbox]")
+        value, before = box.is_checked, box.is_checked()
+        box.click()
+    else:
+        raise AssertionError(f"no slider, dropdown or checkbox labelled {description!r}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value() != before and imgs.count() and imgs.first.get_attribute("src") not in (None, before_img):
             return True
         time.sleep(0.3)
     return False
@@ -184,7 +219,8 @@ def start_training(page, jupyter, name: str, stoppable: bool) -> None:
 
 
 def cell_text(page, index: int) -> str:
-    return page.locator(".jp-CodeCell").nth(index).locator(".jp-OutputArea").inner_text()
+    # the cell's own output area: an ipywidgets Output inside it is a .jp-OutputArea too
+    return page.locator(".jp-CodeCell").nth(index).locator(".jp-Cell-outputArea").inner_text()
 
 
 def wait_for_text(page, index: int, text: str, timeout_s: float = 60) -> str:
@@ -217,3 +253,85 @@ def test_the_kernel_interrupt_button_saves_a_resumable_checkpoint(page, jupyter)
     assert "[labkit] interrupted: checkpoint at step" in out, out[-600:]
     checkpoint = re.search(r"CHECKPOINT (\d+) (\d+)", out)
     assert checkpoint and int(checkpoint.group(1)) == int(checkpoint.group(2)) > 0, out[-400:]
+
+
+# --- labkit.widgets: every control of every explorer redraws its figure --------------------------
+
+WIDGETS = {
+    "explore": ("import matplotlib.pyplot as plt, labkit\n"
+                "def draw(n=2, kind='linear', grid=True):\n"
+                "    fig, ax = plt.subplots(figsize=(4, 3))\n"
+                "    ax.plot(range(10), [x * n if kind == 'linear' else x ** n for x in range(10)])\n"
+                "    ax.grid(grid); ax.set_title(f'{kind} {n}')\n"
+                "    return fig\n"
+                "labkit.explore(draw, n=(1, 5), kind=['linear', 'power'], grid=True)",
+                ("n", "kind", "grid")),
+    "head_explorer": ("import torch, labkit\n"
+                      "p = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0)).softmax(-1)\n"
+                      "labkit.widgets.head_explorer(p, ['<s>', 'a', 'b', 'c', 'd'])",
+                      ("layer", "head", "query")),
+    "softmax_explorer": ("import labkit\n"
+                         "labkit.widgets.softmax_explorer(lambda q, k, scale: (q @ k.transpose(-2, -1) * scale).softmax(-1),"
+                         " n_rows=16)",
+                         ("d", "temperature", "scaled")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WIDGETS))
+def test_every_control_of_a_labkit_widget_redraws_its_figure(page, jupyter, name):
+    source, controls = WIDGETS[name]
+    open_scratch_notebook(page, jupyter, f"ui_widget_{name}.ipynb", source)
+    run_all(page)
+    explorer = page.locator(".widget-interact").first
+    page.wait_for_selector(".widget-interact .widget-output img")
+    for control in controls:
+        assert control_changes_output(page, explorer.locator(".widget-output"), control), \
+            f"{name}: moving '{control}' did not redraw the figure"
+
+
+def test_a_broken_explore_callback_is_caught(page, jupyter):
+    """The control check must fail when labkit.explore's draw function raises (else it proves nothing)."""
+    open_scratch_notebook(page, jupyter, "ui_broken_explore.ipynb",
+        "import matplotlib.pyplot as plt, labkit\n"
+        "def draw(n=1, kind='a'):\n"
+        "    if n > 1 or kind != 'a':\n"
+        "        raise RuntimeError('broken draw')\n"
+        "    fig, ax = plt.subplots(); ax.plot([0, n]); return fig\n"
+        "labkit.explore(draw, n=(1, 5), kind=['a', 'b'])")
+    run_all(page)
+    explorer = page.locator(".widget-interact").first
+    page.wait_for_selector(".widget-interact .widget-output img")
+    for control in ("n", "kind"):
+        assert not control_changes_output(page, explorer.locator(".widget-output"), control, timeout_s=6), \
+            f"the check passed for '{control}' although draw raises: it cannot catch broken widgets"
+
+
+def test_show_solution_and_the_self_check_widget_respond(page, jupyter):
+    """The exercise check's "Show solution" button reveals the reference; the self-check grades what is typed."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+                    "import torch\nfrom labkit import exercises as ex\n"
+                    "def causal_mask(T):\n    return torch.ones(T, T, dtype=torch.bool).tril(-1)\n"
+                    "ex.check('03.causal_mask', causal_mask)"),
+                nbformat.v4.new_code_cell(
+                    "quiz = ex.SelfCheck('99', 'Self-check: ui')\n"
+                    "quiz.numeric('eight', 'sqrt(64)?', answer=8.0, tol=0.5, explain='8 * 8 = 64')\n"
+                    "quiz.widget()")]
+    nb.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_setup_and_tools.ipynb", 4).metadata["kernelspec"]
+    nbformat.write(nb, jupyter.root / "ui_exercise_buttons.ipynb")
+    open_notebook(page, jupyter, "ui_exercise_buttons.ipynb")
+    run_all(page)
+    first = page.locator(".jp-CodeCell").nth(0)
+    assert "off by one" in cell_text(page, 0), "the wrong mask should get its hint"
+    assert "def causal_mask" not in cell_text(page, 0), "the solution must start hidden"
+    first.get_by_role("button", name="Show solution").click()
+    wait_for_text(page, 0, "def causal_mask")
+    wait_for_text(page, 0, "Typical mistakes")
+    second = page.locator(".jp-CodeCell").nth(1)
+    second.locator("input[type=text]").fill("7")
+    second.get_by_role("button", name="Check my answers").click()
+    out = wait_for_text(page, 1, "0/1 right")
+    assert "Why: 8 * 8 = 64" in out, out[-300:]
+    second.locator("input[type=text]").fill("8")
+    second.get_by_role("button", name="Check my answers").click()
+    wait_for_text(page, 1, "1/1 right ✓")
