@@ -9,13 +9,24 @@
     labkit.explore(draw, layer=(0, 29))                          # controls that redraw a figure
     for x in labkit.progress(xs, desc="eval"): ...               # a bar in JupyterLab only
 
-Modules, each with one job: ``runtime`` (profile, device, threads, seed, output dirs),
-``assets`` (pinned offline assets), ``models`` (pretrained LMs), ``gpt`` (the from-scratch,
-swappable GPT), ``data`` (Shakespeare token ids), ``train`` (the one training loop, with its diagnostics), ``runs`` (run directories, metric logs, atomic checkpoints), ``hooks`` (read/edit activations by TransformerLens names), ``plotting``
-(figures), ``windtunnel`` (track D's task with an exact posterior), ``envcheck`` (is
-everything installed?), ``runner`` (execute notebooks in batch), ``exercises`` (exercises with
-checkers, the end-of-part self-check, prediction verdicts), ``widgets`` (offline explorers and
-progress bars).
+Modules, each with one job:
+
+    runtime    profile, device, measured threads, seed, output folders (labkit.setup)
+    assets     pinned offline assets: fetch from PyPI, sha256, convert, cache
+    models     load_model: the embedded SmolLM2, a local directory or a hub id
+    gpt        the from-scratch GPT (every component a config switch) and its KV cache
+    hooks      read / edit activations by TransformerLens names (labkit GPT, HF families)
+    data       Shakespeare as token ids, train / val batches
+    train      the one training loop; diagnostics: its research diagnostics; runs: run
+               directories, metric logs, atomic checkpoints
+    sampling   next-token filters (temperature, top-k/p, min-p, repetition penalty)
+    quant      weight quantization formats and int8 / int4 linear layers
+    lora       LoRA by hand (= peft); finetune: chat formatting, log-probs, KL estimates
+    windtunnel track D's task with an exact Bayesian posterior
+    claims     verdicts on predictions, orderings beyond the seed spread
+    exercises  exercises with checkers, the end-of-part self-check; widgets: offline explorers
+    plotting   theme, heatmaps, curves, live training curves
+    envcheck   is everything installed?   runner: execute notebooks in batch (make run)
 """
 from .assets import (AssetCorruptError, AssetError, AssetUnavailableError, UnknownAssetError,
                      asset_dir, cl100k, load_chat_pairs, load_preferences, load_shakespeare,
@@ -26,7 +37,7 @@ from .models import ModelUnavailableError, load_model
 from .plotting import LiveCurves, heatmap, plot_curves, save_figure, set_theme
 from .runtime import Lab, Timing, pick_device, resolve_profile, seed_everything, setup, time_it
 from . import exercises, widgets
-from .exercises import verdict
+from .claims import Spread, compare, verdict
 from .widgets import explore, progress
 
 __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", "time_it", "Timing",
@@ -36,5 +47,5 @@ __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", 
            "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",
            "AssetError", "AssetCorruptError", "AssetUnavailableError", "UnknownAssetError",
            "ModelUnavailableError",
-           "exercises", "widgets", "explore", "progress", "verdict"]
+           "exercises", "widgets", "explore", "progress", "verdict", "Spread", "compare"]
 __version__ = "0.1.0"

@@ -21,16 +21,21 @@ from dataclasses import dataclass
 def verdict(held: bool, predicted: str = "", measured: str = "") -> str:
     """One line stating whether this run bore the prediction out, and on what numbers.
 
+    The contract test (tests/test_contract.py) counts these lines: one per Predict cell.
+
     >>> verdict(True, "val loss below 2.0 nats", "1.874")
     '✓ prediction held: predicted val loss below 2.0 nats; measured 1.874'
     >>> verdict(False, "a 10x speed-up at 100 tokens", "4.2x")
     '✗ prediction missed: predicted a 10x speed-up at 100 tokens; measured 4.2x (the measurement is the answer)'
+    >>> verdict(True), verdict(False)
+    ('✓ prediction held', '✗ prediction missed: the measured number is the answer')
     """
     head = "✓ prediction held" if held else "✗ prediction missed"
     detail = "; ".join(part for part in (f"predicted {predicted}" if predicted else "",
                                           f"measured {measured}" if measured else "") if part)
-    tail = "" if held else " (the measurement is the answer)"
-    return f"{head}: {detail}{tail}" if detail else head + tail
+    if not detail:
+        return head if held else f"{head}: the measured number is the answer"
+    return f"{head}: {detail}" + ("" if held else " (the measurement is the answer)")
 
 
 @dataclass

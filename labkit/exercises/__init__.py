@@ -26,7 +26,8 @@ import importlib
 import pkgutil
 
 from ._core import Case, CheckResult, Exercise, ExerciseFailed, Mistake
-from ._selfcheck import Question, SelfCheck, verdict
+from ..claims import verdict   # one verdict helper for the whole lab (labkit.claims)
+from ._selfcheck import Question, SelfCheck
 
 _REGISTRY: dict[str, Exercise] = {}
 _loaded = False

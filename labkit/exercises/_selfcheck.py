@@ -1,4 +1,4 @@
-"""The end-of-part self-check, and the verdict printed for a Predict cell.
+"""The end-of-part self-check.
 
 A self-check asks questions whose answers are THIS run's measurements, passed in by the
 notebook; a wrong answer gets the explanation (also written from the measurements)::
@@ -22,15 +22,6 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass, field
-
-
-def verdict(held: bool) -> str:
-    """The verdict on a Predict cell, for a printed line: the contract test looks for it.
-
-    >>> verdict(True), verdict(False)
-    ('✓ prediction held', '✗ prediction missed: the measured number is the answer')
-    """
-    return "✓ prediction held" if held else "✗ prediction missed: the measured number is the answer"
 
 
 @dataclass
