@@ -4,6 +4,7 @@ One run = one directory, created fresh and never reused silently::
 
     run = Run.create(lab.runs_dir, "baseline")   # runs/11_pretraining_lab/baseline, or baseline-2 if taken
     run.path / "config.json"                     # model + training config, written by train()
+    run.path / "launch.json"                     # the config file, when python -m labkit.train made it
     run.path / "metrics.csv"                     # one row per step: the columns train() declares
 
     run.path / "metrics.jsonl"                   # the same rows plus every per-layer / per-group number

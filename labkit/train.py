@@ -218,8 +218,8 @@ class DeferInterrupt:
     """
 
     def __enter__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
+        self.requested, self.installed = False, threading.current_thread() is threading.main_thread()
+        if self.installed:     # signals reach the main thread only (a loop in a thread: no deferral)
             self.previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
@@ -230,8 +230,8 @@ class DeferInterrupt:
         print("[labkit] interrupt: finishing this step, then saving a checkpoint (interrupt again to abort now)")
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        if self.installed:     # None: a handler set outside Python; the closest is the default
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -142,3 +142,17 @@ def test_a_run_resumes_in_two_processes(single_process, tmp_path):
     assert [r["loss"] for r in rows] == pytest.approx(reference["loss"], rel=1e-5)
     assert load_checkpoint(run.path)[1]["step"] == 6
     assert writes["1"] == [] and writes["launcher"] == [] and writes["0"], "only rank 0 writes"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_build(path):
+    spec = json.loads(path.read_text())
+    assert set(spec) == {"run", "data", "model", "train"}, f"{path.name}: run, data, model, train"
+    cfg = train_config(spec["train"])
+    assert cfg.diag_every == 0 and cfg.batch_size % 8 == 0, "runs unchanged under torchrun, up to 8 processes"
+
+    class Chars:
+        class tokenizer:
+            vocab_size = 65
+    model = build_model(spec["model"], Chars, cfg.seed)
+    assert model.cfg.block_size >= cfg.block_size and spec["data"]["source"] == "shakespeare"
