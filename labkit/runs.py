@@ -6,7 +6,6 @@ One run = one directory, created fresh and never reused silently::
     run.path / "config.json"                     # model + training config, written by train()
     run.path / "launch.json"                     # the config file, when python -m labkit.train made it
     run.path / "metrics.csv"                     # one row per step: the columns train() declares
-
     run.path / "metrics.jsonl"                   # the same rows plus every per-layer / per-group number
     run.path / "checkpoints" / "step_000200.safetensors"   # weights, optimizer state, RNG states
     run.path / "checkpoints" / "step_000200.json"          # config, step, data position, sha256 of the above
