@@ -509,7 +509,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))                            # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
