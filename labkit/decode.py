@@ -178,9 +178,11 @@ def decode_steps(model: GPT, tokenizer, prompts, max_new_tokens: int = 64, sampl
             if detok is not None:
                 pieces[row] = detok[row].push(token)
                 texts[row] += pieces[row]
+            # a stop string completed by this token lies inside the new piece or straddles its start
+            recent = texts[row][-(len(pieces[row]) + longest_stop - 1):] if stop and pieces[row] else ""
             if token in eos:
                 finish[row] = "eos"
-            elif stop and any(s in texts[row][-(len(pieces[row]) + longest_stop - 1):] for s in stop if pieces[row]):
+            elif any(s in recent for s in stop):
                 finish[row] = "stop"
             elif t + 1 == max_new_tokens:
                 finish[row] = "length"
