@@ -106,6 +106,7 @@ test-notebooks: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py --json build/bench.json
+	$(PY) benchmarks/decode_throughput.py --json build/decode_bench.json
 
 contract:
 	$(PY) ../shared/tools/nbcontract.py
