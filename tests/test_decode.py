@@ -9,7 +9,6 @@ sliding window), ``prepare_for_decode`` and ``logits_to_keep`` change nothing be
 int8 weights stay close to fp32 (int4 measurably less so).
 """
 import copy
-import doctest
 from dataclasses import replace
 
 import pytest
@@ -206,7 +205,3 @@ def test_bad_calls_fail_with_one_clear_error(smollm2):
     with pytest.raises(ValueError, match="fused=True needs a Llama-style GPT"):
         generate(gpt2, None, [[1, 2]], 4, fused=True)
     assert generate(gpt2, None, [[1, 2]], 4, eos_token_id=None).finish_reasons == ["length"]
-
-
-def test_docstring_examples():
-    assert doctest.testmod(decode).failed == 0
