@@ -27,7 +27,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100   # cross_entropy's ignore_index: positions that carry no loss
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import labkit
-from labkit import decode
 from labkit.decode import Detokenizer, generate, stream
 from labkit.gpt import GPT, GPTConfig, KVCache
 from labkit.quant import quantize_model

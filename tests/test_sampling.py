@@ -12,7 +12,6 @@ from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenal
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 import labkit
-from labkit import sampling
 from labkit.sampling import SamplingConfig, greedy, min_p, repetition_penalty, sample, temperature, top_k, top_p
 
 TOL = 1e-6
