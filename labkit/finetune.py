@@ -263,9 +263,26 @@ class ChatData:
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         examples = self.split(split)
         rows = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist()]
+        return self._stack(rows, block_size)
+
+    def fixed_batches(self, split: str, batch_size: int, block_size: int, limit: int | None = None):
+        """Every example of ``split`` (or its first ``limit``) once, in order, as (x, y) batches.
+
+        ``labkit.train.evaluate`` draws its val batches with a generator seeded by the run's seed, so
+        runs with different seeds are scored on different examples; to compare seeds and settings,
+        score every run on these same batches (``batch_losses``).
+        """
+        examples = self.split(split)[:limit]
+        out = []
+        for i in range(0, len(examples), batch_size):
+            part = ChatData(examples[i:i + batch_size], [], self.pad_id)
+            out.append(part._stack(part.train, block_size))
+        return out
+
+    def _stack(self, rows: list[dict], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         T = min(block_size, max(len(e["input_ids"]) - 1 for e in rows))
-        x = torch.full((batch_size, T), self.pad_id, dtype=torch.long)          # (B, T)
-        y = torch.full((batch_size, T), IGNORE_INDEX, dtype=torch.long)         # (B, T)
+        x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)          # (B, T)
+        y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)         # (B, T)
         for b, e in enumerate(rows):
             ids, labels = e["input_ids"][:T + 1], e["labels"][:T + 1]
             x[b, :len(ids) - 1] = torch.tensor(ids[:-1])       # what the model reads
@@ -279,6 +296,29 @@ class ChatData:
     def subset(self, n: int) -> "ChatData":
         """The first ``n`` training examples and the same val split (a tiny set to overfit on purpose)."""
         return ChatData(self.train[:n], self.val, self.pad_id, self.tokenizer)
+
+
+@torch.no_grad()
+def batch_losses(model, batches) -> tuple[list[float], list[int]]:
+    """The mean next-token loss of each ``(x, y)`` batch (``labkit.train.lm_loss``: the labkit GPT or an
+    HF model) and how many tokens it scored (``y != -100``). Their token-weighted mean is the loss
+    over every scored token; exp of it, the perplexity."""
+    from .train import lm_loss
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses, tokens = [], []
+    for x, y in batches:
+        losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+        tokens.append(int((y != IGNORE_INDEX).sum()))
+    model.train(was_training)
+    return losses, tokens
+
+
+def mean_loss(model, batches) -> float:
+    """The loss over every scored token of ``batches`` (nats): each batch weighted by its scored tokens."""
+    losses, tokens = batch_losses(model, batches)
+    return sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)
 
 
 def encode_plain(tok, prompt: str, response: str, max_length: int | None = None) -> dict[str, list[int]]:

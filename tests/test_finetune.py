@@ -8,8 +8,9 @@ import torch
 
 import labkit
 from labkit.assets import AssetUnavailableError, asset_dir
-from labkit.finetune import (IGNORE_INDEX, ChatData, char_data_with, chat_data, completion_logprobs, encode_chat,
-                             encode_plain, example_from_ids, generate, kl_estimates, pad_batch, sft_loss)
+from labkit.finetune import (IGNORE_INDEX, ChatData, batch_losses, char_data_with, chat_data, completion_logprobs,
+                             encode_chat, encode_plain, example_from_ids, generate, kl_estimates, mean_loss, pad_batch,
+                             sft_loss)
 
 EXAMPLES = [  # (prompt, response): short, multi-line code, leading/trailing spaces, unicode, a number
     ("What is AI?", "The science of making machines think."),
@@ -234,6 +235,23 @@ def test_chat_batch_loss_equals_sft_loss_on_the_same_examples():
         ours = lm_loss(model, x, y).item()
         theirs = sft_loss(model, pad_batch([examples[i] for i in picked], pad_id=0)).item()
     assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+def test_fixed_batches_cover_the_split_once_and_mean_loss_weights_by_tokens():
+    model, examples = tiny_llama(), random_examples(n=5)
+    data = ChatData([], examples, pad_id=0)
+    batches = data.fixed_batches("val", 2, 64)
+    assert [x.shape[0] for x, _ in batches] == [2, 2, 1]
+    assert sum(int((y != IGNORE_INDEX).sum()) for _, y in batches) == data.scored_tokens("val")
+    assert len(data.fixed_batches("val", 2, 64, limit=3)) == 2
+    with torch.no_grad():
+        per_example = [sft_loss(model, pad_batch([e], pad_id=0)).item() for e in examples]
+    counts = [sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in examples]
+    want = sum(l * n for l, n in zip(per_example, counts)) / sum(counts)      # the loss over every scored token
+    assert mean_loss(model, batches) == pytest.approx(want, abs=1e-5)
+    assert mean_loss(model, data.fixed_batches("val", 5, 64)) == pytest.approx(want, abs=1e-5)
+    losses, tokens = batch_losses(model, batches)
+    assert tokens == [sum(counts[:2]), sum(counts[2:4]), counts[4]] and len(losses) == 3
 
 
 def test_chat_data_splits_by_prompt_and_scores_the_response(tok):
