@@ -348,7 +348,8 @@ def chat_data(tok, pairs: list[dict], val_fraction: float = 0.1, seed: int = 0, 
     Pairs that share a prompt ("What is AI?" has several answers) go to the same split, so val
     measures answers to questions the model never saw. A tokenizer with a chat template (SmolLM2's,
     Qwen's) renders each pair with it (``encode_chat``, prompt masked); one without (the labkit
-    GPT's) uses ``encode_plain``. Pairs whose prompt alone fills ``max_length`` are dropped.
+    GPT's) uses ``encode_plain``. Pairs whose prompt alone fills ``max_length`` are dropped. Each
+    example also keeps its ``"prompt"`` text (to sample answers to held-out questions).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -363,6 +364,7 @@ def chat_data(tok, pairs: list[dict], val_fraction: float = 0.1, seed: int = 0, 
                   else encode_plain(tok, p["prompt"], p["response"], max_length=max_length))
         except ValueError:          # the prompt alone is longer than max_length: nothing left to score
             continue
+        ex["prompt"] = p["prompt"]  # kept for reading samples; batches use only input_ids and labels
         splits["val" if p["prompt"] in val_prompts else "train"].append(ex)
     pad_id = getattr(tok, "pad_token_id", None)
     return ChatData(splits["train"], splits["val"], pad_id if pad_id is not None else 0, tok)

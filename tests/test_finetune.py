@@ -258,7 +258,8 @@ def test_chat_data_splits_by_prompt_and_scores_the_response(tok):
     pairs = [{"prompt": f"Question {i % 7}?", "response": f"Answer number {i}."} for i in range(40)]
     data = chat_data(tok, pairs, val_fraction=0.3, seed=1, max_length=48)
     decode_prompt = lambda e: tok.decode(e["input_ids"]).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
-    train_prompts, val_prompts = ({decode_prompt(e) for e in data.train}, {decode_prompt(e) for e in data.val})
+    assert all(decode_prompt(e) == e["prompt"] for e in data.train + data.val)
+    train_prompts, val_prompts = ({e["prompt"] for e in data.train}, {e["prompt"] for e in data.val})
     assert train_prompts and val_prompts and not train_prompts & val_prompts, "a prompt lives in one split only"
     assert len(data.train) + len(data.val) == 40 and len(val_prompts) == 2       # round(0.3 * 7) prompts held out
     assert scored_text(tok, data.train[0]).startswith("Answer number")
