@@ -13,6 +13,7 @@ prompt/completion format scores too (tests compare the two on the same examples)
     ex = encode_chat(tok, "What is AI?", "A field of science.")
     tok.decode([t for t in ex["labels"] if t != -100])     # 'A field of science.<|im_end|>\\n'
     batch = pad_batch([ex, ex2], pad_id=tok.pad_token_id)  # input_ids, attention_mask, labels: (B, T)
+    data = ChatData(train_examples, val_examples, tok.pad_token_id)   # batches for labkit.train
     total, per_token, mask = completion_logprobs(model, batch)   # (B,), (B, T-1), (B, T-1)
     samples = generate(model, tok, ["Tell me a joke."], max_new_tokens=32, temperature=1.0, seed=0)
     kl = kl_estimates(logp_policy, logp_ref)["k3"]          # per token, on tokens sampled from the policy
@@ -129,6 +130,50 @@ def pad_batch(examples: list[dict], pad_id: int, padding_side: str = "right") ->
         out["attention_mask"].append(pad([1] * n, 0))
         out["labels"].append(pad(labels, IGNORE_INDEX))
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+class ChatData:
+    """Chat examples as training batches for ``labkit.train``: ``.batch(split, batch_size,
+    block_size, generator) -> (x, y)``, like ``labkit.data.TokenData``.
+
+    Each batch draws ``batch_size`` examples of the split at random (with replacement, from
+    ``generator``). ``x`` is an example's ids without its last token, ``y`` its labels shifted by
+    one (the next token, -100 on the prompt), both right-padded to the longest drawn example (pad
+    id in ``x``, -100 in ``y``) and cut to ``block_size``. Right padding needs no attention mask:
+    under the causal mask no real token attends to the pads that follow it, and the pads carry
+    no loss, so ``labkit.train``'s loss on a batch equals ``sft_loss`` on ``pad_batch`` of the
+    same examples (tests).
+
+    >>> ex = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [5, 9], "labels": [-100, 9]}]
+    >>> data = ChatData(ex, ex, pad_id=0)
+    >>> x, y = data.batch("train", 2, 16, torch.Generator().manual_seed(0))   # draws examples 0 and 1
+    >>> x.tolist(), y.tolist()
+    ([[5, 6, 7], [5, 0, 0]], [[-100, 7, 8], [9, -100, -100]])
+    """
+
+    def __init__(self, train: list[dict], val: list[dict], pad_id: int):
+        if not train or not val:
+            raise ValueError(f"ChatData needs examples in both splits (got {len(train)} train, {len(val)} val)")
+        self.examples = {"train": train, "val": val}
+        self.pad_id = pad_id
+
+    def split(self, name: str) -> list[dict]:
+        if name not in self.examples:
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return self.examples[name]
+
+    def batch(self, split: str, batch_size: int, block_size: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        examples = self.split(split)
+        drawn = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist()]
+        T = min(block_size, max(len(e["input_ids"]) - 1 for e in drawn))
+        x = torch.full((batch_size, T), self.pad_id, dtype=torch.long)           # (B, T)
+        y = torch.full((batch_size, T), IGNORE_INDEX, dtype=torch.long)          # (B, T)
+        for b, e in enumerate(drawn):
+            ids, labels = e["input_ids"][:T + 1], e.get("labels", e["input_ids"])[:T + 1]
+            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])                        # inputs: all but the last
+            y[b, :len(ids) - 1] = torch.tensor(labels[1:])                      # targets: the next token
+        return x, y
 
 
 # ----------------------------------------------------------------------------- log-probabilities

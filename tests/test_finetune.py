@@ -8,7 +8,7 @@ import torch
 
 import labkit
 from labkit.assets import AssetUnavailableError, asset_dir
-from labkit.finetune import (IGNORE_INDEX, completion_logprobs, encode_chat, example_from_ids, generate,
+from labkit.finetune import (IGNORE_INDEX, ChatData, completion_logprobs, encode_chat, example_from_ids, generate,
                              kl_estimates, pad_batch, sft_loss)
 
 EXAMPLES = [  # (prompt, response): short, multi-line code, leading/trailing spaces, unicode, a number
@@ -137,6 +137,26 @@ def test_batched_logprobs_equal_a_loop_and_hf_loss(which):
         hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         assert sft_loss(model, batch).item() == pytest.approx(hf.item(), abs=1e-5)
     assert mask.sum().item() == sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in examples)
+
+
+def test_chat_data_batches_give_the_sft_loss_of_the_same_examples():
+    """labkit.train's loss on a ChatData batch (right-padded, no attention mask, targets shifted)
+    = sft_loss on pad_batch of the same examples (HF labels, attention mask)."""
+    from labkit.train import lm_loss
+    model, examples = tiny_llama(), random_examples(n=5)
+    data = ChatData(examples, examples[:2], pad_id=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = data.batch("train", 4, 64, g)
+    drawn = [examples[i] for i in torch.randint(5, (4,), generator=torch.Generator().manual_seed(0)).tolist()]
+    assert x.shape == y.shape == (4, max(len(e["input_ids"]) for e in drawn) - 1)
+    with torch.no_grad():
+        assert lm_loss(model, x, y).item() == pytest.approx(sft_loss(model, pad_batch(drawn, pad_id=0)).item(), abs=1e-5)
+    x, y = data.batch("val", 3, 4, g)                       # cut to block_size
+    assert x.shape == (3, 4) and (y != IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        data.batch("test", 2, 8, g)
+    with pytest.raises(ValueError, match="needs examples in both splits"):
+        ChatData(examples, [], pad_id=0)
 
 
 def test_completion_logprobs_carry_gradients_and_left_padding_also_works():
