@@ -314,8 +314,8 @@ def save_adapter(model: nn.Module, path, overwrite: bool = False, note: str = ""
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, tensors)`` of a saved adapter, verified against its sha256; else AdapterError."""
     tensors_path, config_path = adapter_paths(path)
-    fix = (f"Fix: save the adapter again from the trained model (save_adapter(model, path, "
-           f"overwrite=True)) or point at another saved adapter")
+    fix = ("Fix: save the adapter again from the trained model (save_adapter(model, path, "
+           "overwrite=True)) or point at another saved adapter")
     try:
         config = json.loads(config_path.read_text())
         if config.get("format") != ADAPTER_FORMAT:
