@@ -27,7 +27,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Notebooks converted to the learn-by-doing rules. When every notebook is converted, this
 # becomes every notebook: LEARN_BY_DOING = [p.stem for p in NOTEBOOKS].
-LEARN_BY_DOING = ["03_attention_basics", "D1_bayesian_wind_tunnel", "D2_bayesian_geometry"]
+LEARN_BY_DOING = ["03_attention_basics", "05_sampling", "06_kv_cache", "D1_bayesian_wind_tunnel",
+                  "D2_bayesian_geometry"]
 
 CHECK_CALL = re.compile(r"""\bex\.check\(\s*["']([^"']+)["']""")
 VERDICT = re.compile(r"prediction (held|missed|did not hold)", re.IGNORECASE)
