@@ -30,7 +30,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 LEARN_BY_DOING = ["00_setup_and_tools", "01_tokenization_embeddings", "02_positional_encodings",
                   "03_attention_basics", "05_sampling", "06_kv_cache", "09_grouped_query_attention",
                   "10_norms_and_activations", "11_pretraining_lab", "12_finetuning_and_rlhf",
-                  "A4_forgetting", "A5_optimizer_state", "D1_bayesian_wind_tunnel", "D2_bayesian_geometry"]
+                  "15_inference_stacks", "A4_forgetting", "A5_optimizer_state", "D1_bayesian_wind_tunnel",
+                  "D2_bayesian_geometry"]
 
 CHECK_CALL = re.compile(r"""\bex\.check\(\s*["']([^"']+)["']""")
 VERDICT = re.compile(r"prediction (held|missed|did not hold)", re.IGNORECASE)
