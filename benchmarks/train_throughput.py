@@ -6,7 +6,9 @@
 Both models have identical dimensions and architecture (RoPE, RMSNorm, SwiGLU, tied embeddings,
 fp32): n_layer=4, n_head=4, n_embd=256, block 256, batch 8, vocab 4096 by default. Each round
 times one full training step (forward, backward, AdamW) of each model, alternating, so a busy
-neighbour slows both alike; the script reports medians and spreads over rounds, and two ratios:
+neighbour slows both alike. The step is the one ``labkit.train.train`` takes for either model:
+its optimizer (``make_optimizer``) and its loss (``lm_loss``: the GPT's own, the HF model's
+cross-entropy on its logits). The script reports medians and spreads over rounds, and two ratios:
 
   labkit / HF tokens/s                       (target >= 1.0)
   MFU = achieved model FLOP/s / peak FLOP/s  (target >= 0.60), where the peak is the median
@@ -26,6 +28,7 @@ import torch
 
 from labkit.gpt import GPT, GPTConfig
 from labkit.runtime import choose_threads
+from labkit.train import TrainConfig, lm_loss, make_optimizer
 
 
 def matmul_peak(threads: int, size: int = 1024, repeats: int = 5) -> float:
@@ -58,11 +61,11 @@ def build_models(cfg: GPTConfig):
     return ours, theirs, n_ours
 
 
-def step_fn(model, x, y, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step_fn(model, x, y):
+    opt = make_optimizer(model, TrainConfig(lr=1e-4))
 
     def step():
-        loss = model(input_ids=x, labels=y).loss if hf else model(x, y)[1]
+        loss = lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -89,9 +92,8 @@ def main(argv=None) -> dict:
     ours, theirs, n_params = build_models(cfg)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.block), generator=g)
-    # HF shifts labels inside the loss; labkit takes next-token targets: same loss either way
-    y_ours = torch.roll(x, -1, dims=1)
-    steps = {"labkit": step_fn(ours, x, y_ours, hf=False), "hf": step_fn(theirs, x, x, hf=True)}
+    y = torch.roll(x, -1, dims=1)                                   # next-token targets
+    steps = {"labkit": step_fn(ours, x, y), "hf": step_fn(theirs, x, y)}
     for step in steps.values():         # warm-up: allocator, thread pool, first-call overheads
         step()
         step()

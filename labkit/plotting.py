@@ -9,12 +9,13 @@ Figures answer one question each: put the question in the title and units on the
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from .runtime import in_batch_run  # noqa: F401  (also importable from here, as notebooks did)
 
 PALETTE = "colorblind"
 
@@ -100,18 +101,6 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def in_batch_run() -> bool:
-    """True under ``make run`` / ``make test`` (papermill, nbval) or outside a Jupyter kernel."""
-    if os.environ.get("LABKIT_BATCH") == "1":
-        return True
-    try:
-        from IPython import get_ipython
-        shell = get_ipython()
-    except ImportError:
-        return True
-    return shell is None or "IPKernelApp" not in shell.config
-
-
 class LiveCurves:
     """Training curves that redraw while a loop runs in JupyterLab; one static plot in batch runs.
 
@@ -123,10 +112,14 @@ class LiveCurves:
     Each metric gets its own panel; a metric updated only sometimes (e.g. ``val_loss``)
     can share a panel with another by passing ``panels={"loss": ["loss", "val_loss"]}``.
 
+    It is a training-loop callback: ``labkit.train.train(..., callbacks=[live])`` calls
+    ``live.on_step(step, row)`` after every step (= ``update`` with the row's metrics), and
+    ``close()`` at the end.
+
     ``stoppable=True`` adds a Stop button (live only). A running cell normally cannot see a
     click until it finishes, so ``update`` processes pending widget events (jupyter-ui-poll)
-    and ``stop_requested`` turns True; ``labkit.train.train(..., monitor=live)`` then ends
-    after the current step and saves a resumable checkpoint.
+    and ``stop_requested`` turns True; ``train`` then ends after the current step and saves a
+    resumable checkpoint.
     """
 
     def __init__(self, metrics: list[str] | None = None, panels: dict[str, list[str]] | None = None,
@@ -181,6 +174,10 @@ class LiveCurves:
             ys.append(float(v))
         if self.live and time.monotonic() - self._last_draw >= self.every_seconds:
             self._show()
+
+    def on_step(self, step: int, row: dict) -> None:
+        """The training-loop callback: plot this step's row (``update`` with its values)."""
+        self.update(step, **{k: v for k, v in row.items() if k != "step"})
 
     def _draw(self) -> None:
         for panel, ax in self.axes.items():

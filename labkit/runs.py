@@ -4,7 +4,8 @@ One run = one directory, created fresh and never reused silently::
 
     run = Run.create(lab.runs_dir, "baseline")   # runs/11_pretraining_lab/baseline, or baseline-2 if taken
     run.path / "config.json"                     # model + training config, written by train()
-    run.path / "metrics.csv"                     # one row per step: step, tokens_sec, loss, val_loss, lr, ...
+    run.path / "launch.json"                     # the config file, when python -m labkit.train made it
+    run.path / "metrics.csv"                     # one row per step: the columns train() declares
     run.path / "metrics.jsonl"                   # the same rows plus every per-layer / per-group number
     run.path / "checkpoints" / "step_000200.safetensors"   # weights, optimizer state, RNG states
     run.path / "checkpoints" / "step_000200.json"          # config, step, data position, sha256 of the above
@@ -15,6 +16,10 @@ then renamed (``os.replace`` is atomic on POSIX and Windows), and ``latest.json`
 A run killed mid-save leaves ``latest.json`` pointing at the previous complete checkpoint;
 loading re-checks the weights' sha256 against the JSON, so a damaged file is reported, never
 silently loaded.
+
+A checkpoint of a model whose parameters are partly frozen (LoRA, peft: only the adapters
+require grad) holds only the trainable parameters and buffers: the frozen weights come from
+where the model was loaded, and resuming rebuilds it the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
+
+from .assets import sha256_of
 
 
 class CheckpointError(RuntimeError):
@@ -65,14 +72,6 @@ def atomic_write(path: Path, write) -> Path:
     except OSError:
         pass
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_jsonable(obj):
@@ -139,15 +138,13 @@ def run_dirs(root, name: str = "run") -> list[Path]:
 class Run:
     """A run directory. ``Run.create`` makes a new one; ``Run(path)`` opens an existing one."""
 
-    BASE_COLUMNS = ["step", "tokens_sec", "loss", "val_loss", "val_step", "lr", "grad_norm",
-                    "update_ratio", "dead_perc", "attn_entropy", "noise_scale"]
-
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"no run directory at {self.path}: create one with "
                                     f"Run.create(root, name)")
-        self.columns: list[str] | None = None
+        self.columns: list[str] | None = None     # the CSV header, once the log has one
+        self._declared: list[str] = []
 
     @classmethod
     def create(cls, root, name: str = "run") -> "Run":
@@ -173,21 +170,38 @@ class Run:
     def read_config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
-    def start_log(self, columns: list[str]) -> None:
-        """Fix the CSV columns (the JSONL keeps every key). Writes the header for a new log."""
-        self.columns = list(dict.fromkeys(self.BASE_COLUMNS + list(columns)))
+    def start_log(self, columns: list[str] = ()) -> None:
+        """Declare the CSV columns, in order (the JSONL keeps every key of every row).
+
+        A new log's header is written with its first row: the declared columns, then the first
+        row's other keys (metrics a callback adds at evaluations). An existing log keeps its header.
+
+        >>> import tempfile; run = Run.create(tempfile.mkdtemp(), "log")
+        >>> run.start_log(["step", "loss", "lr"])
+        >>> run.log({"step": 0, "loss": 4.2, "kl": 0.5}); run.log({"step": 1, "loss": 3.9, "lr": 0.1})
+        >>> print((run.path / "metrics.csv").read_text(), end="")
+        step,loss,lr,kl
+        0,4.2,,0.5
+        1,3.9,0.1,
+        """
+        self._declared = list(columns)
+        self.columns = self._header()
+
+    def _header(self) -> list[str] | None:
         csv_path = self.path / "metrics.csv"
         if not csv_path.exists():
-            with open(csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
-        else:
-            with open(csv_path, newline="") as f:
-                self.columns = next(csv.reader(f))
+            return None
+        with open(csv_path, newline="") as f:
+            return next(csv.reader(f), None)
 
     def log(self, row: dict) -> None:
         """Append one step's row to metrics.jsonl (all keys) and metrics.csv (its columns)."""
         if self.columns is None:
-            self.start_log([])
+            self.columns = self._header()
+        if self.columns is None:                       # the first row of a new log
+            self.columns = list(dict.fromkeys([*self._declared, *row]))
+            with open(self.path / "metrics.csv", "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.path / "metrics.csv", "a", newline="") as f:
@@ -208,6 +222,8 @@ class Run:
             return 0
         atomic_write(self.path / "metrics.jsonl",
                      lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+        self.columns = self._header() or list(dict.fromkeys([*self._declared, *(k for r in keep for k in r)]))
 
         def write_csv(p):
             with open(p, "w", newline="") as f:
@@ -235,19 +251,24 @@ class Run:
         """Weights + optimizer state + RNG states (safetensors) and metadata (JSON), atomically."""
         stem = f"step_{step:06d}"
         tensors = {f"model.{k}": v.detach().cpu().contiguous().clone()   # clone: tied weights
-                   for k, v in model.state_dict().items()}               # share storage
+                   for k, v in trainable_state(model).items()}           # share storage
         opt_state = optimizer.state_dict()
+        opt_scalars = {}              # non-tensor state (bitsandbytes keeps `step` as an int)
         for i, state in opt_state["state"].items():
-            for name, value in state.items():
-                tensors[f"optimizer.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+            for name, value in _flatten(state):
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{i}.{name}"] = value.detach().cpu().contiguous().clone()
+                else:
+                    opt_scalars[f"{i}.{name}"] = value
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.batches"] = batch_generator.get_state()
         weights = atomic_write(self.checkpoint_dir / f"{stem}.safetensors",
                                lambda p: save_file(tensors, str(p)))
         np_state = np.random.get_state()
         meta = {**to_jsonable(meta), "step": step, "weights": weights.name,
-                "sha256": _sha256(weights),
+                "sha256": sha256_of(weights),
                 "optimizer_param_groups": opt_state["param_groups"],
+                "optimizer_scalars": opt_scalars,
                 "rng_python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
                 "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
         info = atomic_write(self.checkpoint_dir / f"{stem}.json",
@@ -297,16 +318,54 @@ def restore_rng(tensors: dict, meta: dict, batch_generator: torch.Generator) -> 
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
+def _flatten(state: dict, prefix: str = ""):
+    """``(dotted name, value)`` of a nested optimizer state (bitsandbytes nests its quantisation
+    state one level down)."""
+    for name, value in state.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
 def optimizer_state(tensors: dict, meta: dict) -> dict:
     """The optimizer ``state_dict`` saved by ``Run.save_checkpoint``."""
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
+    entries = [(key[len("optimizer."):], v) for key, v in tensors.items() if key.startswith("optimizer.")]
+    for key, value in entries + list(meta.get("optimizer_scalars", {}).items()):
+        i, *path = key.split(".")
+        node = state.setdefault(int(i), {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": meta["optimizer_param_groups"]}
 
 
 def model_state(tensors: dict) -> dict:
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _frozen(model) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without the frozen parameters (all of it when nothing is frozen).
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> m[0].requires_grad_(False) and sorted(trainable_state(m))
+    ['1.bias', '1.weight']
+    """
+    frozen = _frozen(model)
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def restore_model(model, tensors: dict) -> None:
+    """Load a checkpoint's weights into ``model``; only its frozen parameters may be absent."""
+    missing, unexpected = model.load_state_dict(model_state(tensors), strict=False)
+    not_frozen = sorted(set(missing) - _frozen(model))
+    if not_frozen or unexpected:
+        raise CheckpointError(f"the checkpoint does not fit this model (missing {not_frozen[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}): build the model from the run's "
+                              f"config.json, with the same parameters frozen")
 

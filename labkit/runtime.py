@@ -52,6 +52,23 @@ def resolve_profile(profile: str | None = None) -> str:
     return chosen
 
 
+def in_batch_run() -> bool:
+    """True under ``make run`` / ``make test`` (papermill, nbval) or outside a Jupyter kernel:
+    no live redraws, no progress bars.
+
+    >>> os.environ.get("LABKIT_BATCH") != "1" or in_batch_run()
+    True
+    """
+    if os.environ.get("LABKIT_BATCH") == "1":
+        return True
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        return True
+    return shell is None or "IPKernelApp" not in shell.config
+
+
 def pick_device(prefer: str | None = None) -> torch.device:
     """cuda → mps → cpu, unless ``prefer`` (or ``$LABKIT_DEVICE``) names one that exists.
 

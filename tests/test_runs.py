@@ -15,9 +15,10 @@ import labkit.runs as runs
 from labkit.data import shakespeare_data
 from labkit.gpt import GPT, GPTConfig
 from labkit.runs import CheckpointError, Run, load_checkpoint
-from labkit.train import TrainConfig, activation_stats, train
+from labkit.diagnostics import activation_stats
+from labkit.train import TrainConfig, train
 
-REQUIRED_COLUMNS = ["step", "tokens_sec", "loss", "val_loss", "lr", "grad_norm", "update_ratio", "dead_perc"]
+REQUIRED_COLUMNS = ["step", "tokens_per_sec", "loss", "val_loss", "lr", "grad_norm", "update_ratio", "dead_perc"]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_resume_is_bit_exact(chars, tmp_path):
         if step == 9:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train(small(chars), chars, TCFG, run=run, on_step=interrupt_at_10, progress=False)
+        train(small(chars), chars, TCFG, run=run, callbacks=[interrupt_at_10], progress=False)
     assert load_checkpoint(run.path)[1]["step"] == 10
 
     torch.manual_seed(123)                      # a different init and global RNG: the checkpoint wins
@@ -121,7 +122,7 @@ def test_resume_after_a_crash_replays_logged_steps_past_the_checkpoint(chars, tm
         if step == 8:
             raise RuntimeError("power cut")
     with pytest.raises(RuntimeError):
-        train(small(chars), chars, TCFG, run=run, on_step=crash_at_8, progress=False)
+        train(small(chars), chars, TCFG, run=run, callbacks=[crash_at_8], progress=False)
     assert load_checkpoint(run.path)[1]["step"] == 6
     resumed = small(chars)
     train(resumed, chars, TCFG, run=run, resume=True, progress=False)
@@ -131,27 +132,28 @@ def test_resume_after_a_crash_replays_logged_steps_past_the_checkpoint(chars, tm
 
 def test_sigint_finishes_the_step_then_checkpoints(chars, tmp_path):
     run = Run.create(tmp_path, "sigint")
+    before = signal.getsignal(signal.SIGINT)    # Python's default, or SIG_IGN under nohup / in a background job
 
     def press_interrupt(step, row):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)   # what the kernel's interrupt button sends
     with pytest.raises(KeyboardInterrupt):
-        train(small(chars), chars, TCFG, run=run, on_step=press_interrupt, progress=False)
+        train(small(chars), chars, TCFG, run=run, callbacks=[press_interrupt], progress=False)
     assert load_checkpoint(run.path)[1]["step"] == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handler restored"
+    assert signal.getsignal(signal.SIGINT) is before, "the SIGINT handler is restored to what it was"
 
 
 def test_stop_request_checkpoints_and_resumes(chars, tmp_path):
     class StopAt7:
         stop_requested = False
 
-        def update(self, step, **row):
+        def on_step(self, step, row):
             self.stop_requested = step == 6
     straight = small(chars)
     train(straight, chars, TCFG, progress=False)
     run = Run.create(tmp_path, "stop")
-    history = train(small(chars), chars, TCFG, run=run, monitor=StopAt7(), progress=False)
-    assert history.stopped and len(history["loss"]) == 7
+    history = train(small(chars), chars, TCFG, run=run, callbacks=[StopAt7()], progress=False)
+    assert history.stopped and len(history["loss"]) == 7 and history.steps_done == 7
     resumed = small(chars)
     train(resumed, chars, TCFG, run=run, resume=True, progress=False)
     assert weights_equal(straight, resumed)
@@ -227,3 +229,34 @@ def test_killing_a_run_mid_checkpoint_never_corrupts_latest(tmp_path):
         tensors, meta = load_checkpoint(run_dir)               # sha256 verified
         assert torch.all(tensors["model.weight"] == meta["step"]), "weights belong to their step"
     assert any(Run(d).latest_checkpoint() for d in tmp_path.iterdir()), "some run saved a checkpoint"
+
+
+def test_8bit_optimizer_state_is_saved_and_resumes_bit_exact(tmp_path):
+    """bitsandbytes keeps `step` as an int and its 8-bit blocks in a nested dict: both round-trip."""
+    import bitsandbytes as bnb
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 4))
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)   # 128x128 >= 4096: 8-bit states
+
+    def steps(model, opt, seeds):
+        for s in seeds:
+            g = torch.Generator().manual_seed(s)
+            x, y = torch.randn(16, 128, generator=g), torch.randn(16, 4, generator=g)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+    straight, straight_opt = setup()
+    steps(straight, straight_opt, range(6))
+    model, opt = setup()
+    steps(model, opt, range(3))
+    assert opt.state[model[0].weight]["state1"].dtype == torch.uint8, "the 8-bit path is exercised"
+    run = Run.create(tmp_path, "bnb")
+    run.save_checkpoint(3, model, opt, torch.Generator(), {})
+    tensors, meta = load_checkpoint(run.path)
+    resumed, resumed_opt = setup()
+    resumed.load_state_dict(runs.model_state(tensors))
+    resumed_opt.load_state_dict(runs.optimizer_state(tensors, meta))
+    steps(resumed, resumed_opt, range(3, 6))
+    assert weights_equal(straight, resumed)

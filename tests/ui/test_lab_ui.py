@@ -194,7 +194,7 @@ TRAINING_CELL = (
     "run = Run.create(tempfile.mkdtemp(), 'ui')\n"
     "live = labkit.LiveCurves(['loss'], every_seconds=0.3, stoppable={stoppable})\n"
     "try:\n"
-    "    history = train(model, data, cfg, run=run, monitor=live)\n"
+    "    history = train(model, data, cfg, run=run, callbacks=[live])\n"
     "    print('STOPPED', history.stopped, len(history['loss']))\n"
     "finally:\n"
     "    print('CHECKPOINT', load_checkpoint(run.path)[1]['step'], len(run.rows()))\n")
