@@ -24,7 +24,7 @@ help:
 	@echo "make run     execute every notebook (full profile) into build/run/ + summary"
 	@echo "make test    unit tests + every notebook through nbval (smoke profile) + UI tests"
 	@echo "make test-ui only the JupyterLab-in-Chromium UI tests (screenshots: tests/ui/artifacts/)"
-	@echo "make bench   training tokens/s and MFU: labkit GPT vs HF Llama, vs the measured matmul peak"
+	@echo "make bench   training tokens/s and MFU (labkit GPT vs HF Llama); decode tokens/s (labkit, HF, ONNX Runtime) vs the memory floor"
 
 setup: $(VENV)/.installed kernel assets browser
 	@$(PY) -m labkit check | tail -n 1
@@ -106,6 +106,7 @@ test-notebooks: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py --json build/bench.json
+	$(PY) benchmarks/decode_throughput.py --json build/decode_bench.json
 
 contract:
 	$(PY) ../shared/tools/nbcontract.py

@@ -13,6 +13,7 @@ prompt/completion format scores too (tests compare the two on the same examples)
     ex = encode_chat(tok, "What is AI?", "A field of science.")
     tok.decode([t for t in ex["labels"] if t != -100])     # 'A field of science.<|im_end|>\\n'
     batch = pad_batch([ex, ex2], pad_id=tok.pad_token_id)  # input_ids, attention_mask, labels: (B, T)
+    data = ChatData(train_examples, val_examples, tok.pad_token_id)   # batches for labkit.train
     total, per_token, mask = completion_logprobs(model, batch)   # (B,), (B, T-1), (B, T-1)
     samples = generate(model, tok, ["Tell me a joke."], max_new_tokens=32, temperature=1.0, seed=0)
     kl = kl_estimates(logp_policy, logp_ref)["k3"]          # per token, on tokens sampled from the policy
@@ -27,7 +28,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100   # cross_entropy's ignore_index: positions that carry no loss
 
@@ -227,3 +227,161 @@ def kl_estimates(logp: torch.Tensor, logp_ref: torch.Tensor) -> dict[str, torch.
     """
     log_r = logp_ref - logp
     return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": torch.expm1(log_r) - log_r}
+
+
+# ----------------------------------------------------------------------------- training data (track A)
+
+class ChatData:
+    """Chat examples as next-token batches for ``labkit.train.train``: ``x`` (B, T) token ids and
+    ``y`` (B, T) the next token at every position, -100 where nothing is scored (the prompt, padding).
+
+    ``train`` and ``val`` are lists of examples ``{"input_ids", "labels"}`` (``encode_chat``'s
+    layout: labels aligned with the ids, -100 on the prompt). An example of n tokens gives n - 1
+    predictions: ``x = ids[:-1]``, ``y = labels[1:]``. A batch draws ``batch_size`` examples at
+    random (with replacement, from ``generator``), cuts each to ``block_size`` predictions and
+    right-pads to the longest: padding is never scored and, behind a causal mask, never read.
+
+    >>> data = ChatData(train=[{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+    ...                        {"input_ids": [5, 9], "labels": [-100, 9]}], val=[], pad_id=0)
+    >>> x, y = data.batch("train", 2, 8, torch.Generator().manual_seed(0))
+    >>> x.tolist(), y.tolist()       # example 0 (3 predictions) and example 1 (1 prediction, padded)
+    ([[5, 6, 7], [5, 0, 0]], [[-100, 7, 8], [9, -100, -100]])
+    """
+
+    def __init__(self, train: list[dict], val: list[dict], pad_id: int, tokenizer=None):
+        self.train, self.val, self.pad_id, self.tokenizer = list(train), list(val), int(pad_id), tokenizer
+
+    def split(self, name: str) -> list[dict]:
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        examples = self.train if name == "train" else self.val
+        if not examples:
+            raise ValueError(f"the {name} split of this ChatData is empty")
+        return examples
+
+    def batch(self, split: str, batch_size: int, block_size: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        examples = self.split(split)
+        rows = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist()]
+        return self._stack(rows, block_size)
+
+    def fixed_batches(self, split: str, batch_size: int, block_size: int, limit: int | None = None):
+        """Every example of ``split`` (or its first ``limit``) once, in order, as (x, y) batches.
+
+        ``labkit.train.evaluate`` draws its val batches with a generator seeded by the run's seed, so
+        runs with different seeds are scored on different examples; to compare seeds and settings,
+        score every run on these same batches (``batch_losses``).
+        """
+        examples = self.split(split)[:limit]
+        out = []
+        for i in range(0, len(examples), batch_size):
+            part = ChatData(examples[i:i + batch_size], [], self.pad_id)
+            out.append(part._stack(part.train, block_size))
+        return out
+
+    def _stack(self, rows: list[dict], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = min(block_size, max(len(e["input_ids"]) - 1 for e in rows))
+        x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)          # (B, T)
+        y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)         # (B, T)
+        for b, e in enumerate(rows):
+            ids, labels = e["input_ids"][:T + 1], e["labels"][:T + 1]
+            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])       # what the model reads
+            y[b, :len(ids) - 1] = torch.tensor(labels[1:])     # what it must predict next (-100: not scored)
+        return x, y
+
+    def scored_tokens(self, split: str) -> int:
+        """How many tokens of a split carry loss (the response tokens, without the first one's shift)."""
+        return sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in self.split(split))
+
+    def subset(self, n: int) -> "ChatData":
+        """The first ``n`` training examples and the same val split (a tiny set to overfit on purpose)."""
+        return ChatData(self.train[:n], self.val, self.pad_id, self.tokenizer)
+
+
+@torch.no_grad()
+def batch_losses(model, batches) -> tuple[list[float], list[int]]:
+    """The mean next-token loss of each ``(x, y)`` batch (``labkit.train.lm_loss``: the labkit GPT or an
+    HF model) and how many tokens it scored (``y != -100``). Their token-weighted mean is the loss
+    over every scored token; exp of it, the perplexity."""
+    from .train import lm_loss
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses, tokens = [], []
+    for x, y in batches:
+        losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+        tokens.append(int((y != IGNORE_INDEX).sum()))
+    model.train(was_training)
+    return losses, tokens
+
+
+def mean_loss(model, batches) -> float:
+    """The loss over every scored token of ``batches`` (nats): each batch weighted by its scored tokens."""
+    losses, tokens = batch_losses(model, batches)
+    return sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)
+
+
+def encode_plain(tok, prompt: str, response: str, max_length: int | None = None) -> dict[str, list[int]]:
+    """A Q/A pair for a tokenizer without a chat template (the labkit GPT's character or BPE
+    tokenizer): ``"Q: {prompt}\\nA:"`` is the prompt (masked), ``" {response}\\n"`` the response.
+
+    >>> from labkit.data import CharTokenizer
+    >>> ex = encode_plain(CharTokenizer("QA: \\nhiyo?"), "hi?", "yo")
+    >>> len(ex["input_ids"]), ex["labels"].count(IGNORE_INDEX)     # 'Q: hi?\\nA:' masked, ' yo\\n' scored
+    (13, 9)
+    """
+    prompt_ids = list(tok.encode(f"Q: {prompt}\nA:"))
+    response_ids = list(tok.encode(f" {response}\n"))
+    ex = example_from_ids(prompt_ids, response_ids)
+    if max_length is not None:
+        ex = {k: v[:max_length] for k, v in ex.items()}
+        if all(t == IGNORE_INDEX for t in ex["labels"]):
+            raise ValueError(f"the prompt alone has {len(prompt_ids)} tokens: max_length={max_length} "
+                             f"leaves no response token to score")
+    return ex
+
+
+def chat_data(tok, pairs: list[dict], val_fraction: float = 0.1, seed: int = 0, max_length: int | None = None,
+              system: str | None = None) -> ChatData:
+    """``ChatData`` from ``{"prompt", "response"}`` pairs (``labkit.load_chat_pairs()``), split by prompt.
+
+    Pairs that share a prompt ("What is AI?" has several answers) go to the same split, so val
+    measures answers to questions the model never saw. A tokenizer with a chat template (SmolLM2's,
+    Qwen's) renders each pair with it (``encode_chat``, prompt masked); one without (the labkit
+    GPT's) uses ``encode_plain``. Pairs whose prompt alone fills ``max_length`` are dropped. Each
+    example also keeps its ``"prompt"`` text (to sample answers to held-out questions).
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    prompts = sorted({p["prompt"] for p in pairs})
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_prompts = {prompts[i] for i in order[:max(1, round(val_fraction * len(prompts)))]}
+    templated = getattr(tok, "chat_template", None) is not None
+    splits = {"train": [], "val": []}
+    for p in pairs:
+        try:
+            ex = (encode_chat(tok, p["prompt"], p["response"], system=system, max_length=max_length) if templated
+                  else encode_plain(tok, p["prompt"], p["response"], max_length=max_length))
+        except ValueError:          # the prompt alone is longer than max_length: nothing left to score
+            continue
+        ex["prompt"] = p["prompt"]  # kept for reading samples; batches use only input_ids and labels
+        splits["val" if p["prompt"] in val_prompts else "train"].append(ex)
+    pad_id = getattr(tok, "pad_token_id", None)
+    return ChatData(splits["train"], splits["val"], pad_id if pad_id is not None else 0, tok)
+
+
+def char_data_with(extra_text: str = "", max_chars: int | None = None):
+    """Shakespeare as character ids (``labkit.data.TokenData``), with a vocabulary that also
+    covers ``extra_text`` (chat pairs use '#', '%', curly quotes ... that Shakespeare never does).
+
+    The general text of track A's small-model sweeps: the base GPT is pretrained on it, and its
+    val split measures what fine-tuning makes the model forget.
+    """
+    from .assets import load_shakespeare
+    from .data import CharTokenizer, TokenData
+    corpus = load_shakespeare()
+    train_text = corpus.train[:max_chars] if max_chars else corpus.train
+    val_text = corpus.val[:max_chars // 9] if max_chars else corpus.val
+    tok = CharTokenizer(corpus.train + corpus.val + extra_text)
+    ids = lambda text: torch.tensor(tok.encode(text), dtype=torch.long)
+    return TokenData(ids(train_text), ids(val_text), tok)

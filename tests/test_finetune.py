@@ -1,6 +1,5 @@
 """Fine-tuning plumbing: the prompt mask scores exactly the assistant turn (= trl's), padding changes
 nothing, batched log-probs = a loop, sampling, and the KL estimators against the exact KL."""
-import doctest
 import warnings
 
 import pytest
@@ -8,8 +7,9 @@ import torch
 
 import labkit
 from labkit.assets import AssetUnavailableError, asset_dir
-from labkit.finetune import (IGNORE_INDEX, completion_logprobs, encode_chat, example_from_ids, generate,
-                             kl_estimates, pad_batch, sft_loss)
+from labkit.finetune import (IGNORE_INDEX, ChatData, batch_losses, char_data_with, chat_data, completion_logprobs,
+                             encode_chat, encode_plain, example_from_ids, generate, kl_estimates, mean_loss, pad_batch,
+                             sft_loss)
 
 EXAMPLES = [  # (prompt, response): short, multi-line code, leading/trailing spaces, unicode, a number
     ("What is AI?", "The science of making machines think."),
@@ -203,7 +203,98 @@ def test_monte_carlo_means_and_variances_match_schulmans_note():
     assert abs(est["k2"].mean().item() - kl) < 0.1 * kl
 
 
-def test_docstring_examples():
-    import labkit.finetune
-    result = doctest.testmod(labkit.finetune, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 5 and result.failed == 0
+# ----------------------------------------------------------------------------- ChatData (track A's training data)
+
+def test_chat_batches_shift_by_one_mask_the_prompt_and_never_score_padding():
+    examples = random_examples()
+    data = ChatData(examples, examples[:1], pad_id=0)
+    x, y = data.batch("train", 16, 64, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape and x.shape[1] == max(len(e["input_ids"]) for e in examples) - 1
+    by_ids = {tuple(e["input_ids"][:-1]): e for e in examples}
+    for xi, yi in zip(x.tolist(), y.tolist()):
+        n = next(len(k) for k in by_ids if list(k) == xi[:len(k)] and all(t == 0 for t in xi[len(k):]))
+        e = by_ids[tuple(xi[:n])]
+        assert yi[:n] == e["labels"][1:], "y[t] is the label of token t+1 (-100 on the prompt)"
+        assert all(t == IGNORE_INDEX for t in yi[n:]), "padding is never scored"
+    x, y = data.batch("train", 4, 3, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 3), "block_size cuts every example to at most that many predictions"
+    with pytest.raises(ValueError, match="split must be"):
+        data.batch("test", 1, 8)
+
+
+def test_chat_batch_loss_equals_sft_loss_on_the_same_examples():
+    """lm_loss on ChatData's (x, y) (what labkit.train computes) = sft_loss on pad_batch (HF's shift)."""
+    from labkit.train import lm_loss
+    model, examples = tiny_llama(), random_examples()
+    data = ChatData(examples, [], pad_id=0)
+    g = torch.Generator().manual_seed(3)
+    picked = torch.randint(len(examples), (6,), generator=torch.Generator().manual_seed(3)).tolist()
+    x, y = data.batch("train", 6, 64, g)
+    with torch.no_grad():
+        ours = lm_loss(model, x, y).item()
+        theirs = sft_loss(model, pad_batch([examples[i] for i in picked], pad_id=0)).item()
+    assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+def test_fixed_batches_cover_the_split_once_and_mean_loss_weights_by_tokens():
+    model, examples = tiny_llama(), random_examples(n=5)
+    data = ChatData([], examples, pad_id=0)
+    batches = data.fixed_batches("val", 2, 64)
+    assert [x.shape[0] for x, _ in batches] == [2, 2, 1]
+    assert sum(int((y != IGNORE_INDEX).sum()) for _, y in batches) == data.scored_tokens("val")
+    assert len(data.fixed_batches("val", 2, 64, limit=3)) == 2
+    with torch.no_grad():
+        per_example = [sft_loss(model, pad_batch([e], pad_id=0)).item() for e in examples]
+    counts = [sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in examples]
+    want = sum(l * n for l, n in zip(per_example, counts)) / sum(counts)      # the loss over every scored token
+    assert mean_loss(model, batches) == pytest.approx(want, abs=1e-5)
+    assert mean_loss(model, data.fixed_batches("val", 5, 64)) == pytest.approx(want, abs=1e-5)
+    losses, tokens = batch_losses(model, batches)
+    assert tokens == [sum(counts[:2]), sum(counts[2:4]), counts[4]] and len(losses) == 3
+
+
+def test_chat_data_splits_by_prompt_and_scores_the_response(tok):
+    pairs = [{"prompt": f"Question {i % 7}?", "response": f"Answer number {i}."} for i in range(40)]
+    data = chat_data(tok, pairs, val_fraction=0.3, seed=1, max_length=48)
+    decode_prompt = lambda e: tok.decode(e["input_ids"]).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    assert all(decode_prompt(e) == e["prompt"] for e in data.train + data.val)
+    train_prompts, val_prompts = ({e["prompt"] for e in data.train}, {e["prompt"] for e in data.val})
+    assert train_prompts and val_prompts and not train_prompts & val_prompts, "a prompt lives in one split only"
+    assert len(data.train) + len(data.val) == 40 and len(val_prompts) == 2       # round(0.3 * 7) prompts held out
+    assert scored_text(tok, data.train[0]).startswith("Answer number")
+    assert data.scored_tokens("train") == sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in data.train)
+    assert chat_data(tok, pairs, val_fraction=0.3, seed=1).val == chat_data(tok, pairs, val_fraction=0.3, seed=1).val
+    long = [{"prompt": "word " * 100, "response": "ok"}] + pairs
+    assert len(chat_data(tok, long, max_length=48).train) + len(chat_data(tok, long, max_length=48).val) == 40, \
+        "a pair whose prompt fills max_length is dropped"
+    with pytest.raises(ValueError, match="val_fraction"):
+        chat_data(tok, pairs, val_fraction=1.0)
+
+
+def test_plain_format_and_a_char_vocabulary_that_covers_the_chat_text():
+    try:
+        general = char_data_with("“curly” #%", max_chars=20_000)
+    except AssetUnavailableError:
+        pytest.skip("shakespeare is not cached")
+    tok = general.tokenizer
+    assert tok.decode(tok.encode("“curly” #%")) == "“curly” #%"
+    ex = encode_plain(tok, "Why?", "Because.")
+    assert tok.decode(ex["input_ids"]) == "Q: Why?\nA: Because.\n"
+    assert tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX]) == " Because.\n"
+    assert len(general.val) > 1000 and general.batch("val", 2, 16)[0].shape == (2, 16)
+
+
+def test_a_labkit_gpt_learns_plain_chat_data():
+    from labkit.data import CharTokenizer
+    from labkit.gpt import GPT, GPTConfig
+    from labkit.train import TrainConfig, evaluate, train
+    pairs = [{"prompt": f"{a}+{b}", "response": str(a + b)} for a in range(10) for b in range(10)]
+    tok = CharTokenizer("Q: A\n+0123456789")
+    data = chat_data(tok, pairs, val_fraction=0.2)
+    assert all(all(t == IGNORE_INDEX for t in e["labels"][:len("Q: 1+2\nA:")]) for e in data.train)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    cfg = TrainConfig(steps=60, batch_size=16, block_size=16, lr=3e-3, warmup_steps=5, eval_batches=2)
+    before = evaluate(model, data, cfg)
+    history = train(model, data, cfg, progress=False)
+    assert history["val_loss"][-1] < 0.7 * before, (before, history["val_loss"][-1])

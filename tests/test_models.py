@@ -85,3 +85,52 @@ def test_quantize_option_is_checked():
     cfg = quantization_config("nf4", torch.device("cpu"))
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
     assert cfg.bnb_4bit_compute_dtype == torch.float32, "bf16 compute is emulated (50-100x slower) on CPUs without native bf16"
+
+
+def test_a_4bit_base_still_trains_correctly_after_an_evaluation(tmp_path):
+    """bitsandbytes 0.50 on AVX512-BF16 CPUs repacks Linear4bit weights at the first no-grad eval forward into a
+    bf16 layout whose kernel has no backward; load_model switches that off, so the LoRA gradients after an
+    evaluation equal those of a model that was never evaluated (and, on such a CPU, differ without the switch)."""
+    import warnings
+
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from labkit.lora import add_lora, lora_modules
+    torch.manual_seed(0)      # a tiny random Llama: width 64 (bitsandbytes' packing wants multiples of 32)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+    from labkit.assets import asset_dir
+    AutoTokenizer.from_pretrained(asset_dir("smollm2-135m") / "hf").save_pretrained(tmp_path)   # load_model wants one
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def lora_grads(model, evaluate_first):
+        torch.manual_seed(0)
+        add_lora(model, r=4, alpha=8)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+            if evaluate_first:
+                model.eval()(input_ids=ids)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+            model(input_ids=ids, labels=ids).loss.backward()
+        return torch.cat([p.grad.flatten() for m in lora_modules(model).values() for p in (m.A, m.B)])
+
+    loaded = load_model(str(tmp_path), quantize="nf4", device="cpu")[0]
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in loaded.modules())
+    never_evaluated = lora_grads(load_model(str(tmp_path), quantize="nf4", device="cpu")[0], evaluate_first=False)
+    assert torch.allclose(lora_grads(loaded, evaluate_first=True), never_evaluated, atol=1e-6)
+    if bnb.functional.has_avx512bf16():       # negative control: without the switch an evaluation repacks for good
+        from transformers import AutoModelForCausalLM
+        raw = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization_config("nf4", torch.device("cpu")),
+                                                   device_map={"": "cpu"}, dtype=torch.float32)
+        with torch.no_grad():
+            raw.eval()(input_ids=ids)
+        state = raw.model.layers[0].self_attn.q_proj.weight.quant_state
+        assert state.packing_format_for_cpu, "the cause: the evaluation repacked the weights for good"
+        with pytest.raises(ValueError, match="repacked by bitsandbytes"):
+            add_lora(raw, r=4)                 # refused with the fix, never trained with wrong gradients
