@@ -284,7 +284,7 @@ def rope_explorer(rope: Callable, sinusoidal: Callable, *, bases: Sequence[float
     table (which dimension ticks fast, which barely moves); right: how similar a position is to
     one Δ tokens away — the sinusoids' p_0·p_Δ / (d/2), and RoPE's q·k for the same random vector
     placed Δ apart, averaged over ``n_vectors`` (1 at Δ = 0, then falling with ripples).
-    Controls: base θ, head size, maximum distance.
+    Controls: base θ, head size, distance shown (up to ``max_distance``; half of it at first).
 
     >>> def rope(x, base):        # a toy 'RoPE' that rotates nothing: similarity stays 1
     ...     return x
@@ -292,14 +292,14 @@ def rope_explorer(rope: Callable, sinusoidal: Callable, *, bases: Sequence[float
     ...     return torch.ones(T, d)
     >>> ex = rope_explorer(rope, table, live=False)
     >>> ex.values, ex.redraws
-    ({'base': 10000.0, 'head_dim': 64, 'distance': 512}, 1)
+    ({'base': 10000.0, 'head_dim': 64, 'distance': 256}, 1)
     """
     if base not in bases or head_dim not in head_dims:
         raise ValueError(f"rope_explorer: base={base} must be one of {list(bases)} and head_dim={head_dim} one of {list(head_dims)}")
     g = torch.Generator().manual_seed(seed)
     vectors = {d: torch.randn(n_vectors, 1, d, generator=g) for d in head_dims}
 
-    def draw(base=base, head_dim=head_dim, distance=max_distance):
+    def draw(base=base, head_dim=head_dim, distance=max(16, max_distance // 2)):
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.9))
         table = sinusoidal(distance, head_dim, base)                                   # (T, d)
         heatmap(left, table.T, title=f"sinusoidal table, base {base:g}, d={head_dim}", cmap="RdBu_r", vmin=-1, vmax=1)
