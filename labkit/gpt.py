@@ -136,6 +136,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:   # the same numbers in one op instead of eight
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -159,6 +161,7 @@ class CacheStep:
     write: slice | torch.Tensor   # which buffer slots the new keys and values go to
     concat: bool                  # True: attend over (buffer, new keys), then write (a ring buffer's prefill)
     n_write: int                  # how many of the new tokens are stored (the last n_write)
+    reads_all: bool = False       # every new token may read every key slot: attention needs no mask
 
 
 class KVCache:
@@ -190,6 +193,7 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, slots, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)   # per-layer views, made once
         self.slot_pos = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)   # -1: empty
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
         self.length = 0                                                            # tokens fed (pads too)
@@ -241,18 +245,21 @@ class KVCache:
         allowed |= ~allowed.any(-1, keepdim=True)    # a pad query reads something: finite, never used
         self.length += T
         self.next_pos += real.sum(1)
-        return CacheStep(positions, allowed[:, None], key_positions, write, concat, n_write)
+        # one check here spares every layer a mask: decoding one token with no pads and no window cut
+        reads_all = T == 1 and bool(allowed.all())
+        return CacheStep(positions, allowed[:, None], key_positions, write, concat, n_write, reads_all)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep):
         """Put this layer's new keys/values (B, nkv, T, hd) in place; return what attention reads (B, nkv, K, hd)."""
-        ks, vs = self.k[layer], self.v[layer]
+        ks, vs = self.k_layers[layer], self.v_layers[layer]                  # (B, nkv, S, hd)
         if step.concat:
             k_all, v_all = torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)
             ks[:, :, step.write], vs[:, :, step.write] = k[:, :, -step.n_write:], v[:, :, -step.n_write:]
             return k_all, v_all
-        ks[:, :, step.write], vs[:, :, step.write] = k, v
-        K = step.key_positions.shape[1]
-        return ks[:, :, :K], vs[:, :, :K]
+        start, K = step.write.start, step.key_positions.shape[1]
+        ks.narrow(2, start, step.n_write).copy_(k)                          # in place: no new buffer
+        vs.narrow(2, start, step.n_write).copy_(v)
+        return ks.narrow(2, 0, K), vs.narrow(2, 0, K)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -296,17 +303,23 @@ class Attention(nn.Module):
         (T, K) or (B, 1, T, K) bool, None = causal (+ window); ``kv``: (cache, step) when decoding."""
         B, T, C = x.shape
         cfg, nh, nkv, hd = self.cfg, self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = self.hook_q(q.view(B, T, nh, hd)).transpose(1, 2)          # (B, nh, T, hd)
-        k = self.hook_k(k.view(B, T, nkv, hd)).transpose(1, 2)         # (B, nkv, T, hd)
-        v = self.hook_v(v.view(B, T, nkv, hd)).transpose(1, 2)         # (B, nkv, T, hd)
-        if rope is not None:   # hooks see [B, T, H, hd], as TransformerLens's hook_rot_q
-            q = self.hook_rot_q(apply_rope(q, *rope).transpose(1, 2)).transpose(1, 2)
-            k = self.hook_rot_k(apply_rope(k, *rope).transpose(1, 2)).transpose(1, 2)
+        # one matmul, then q, k, v as views in the hooks' layout [B, T, heads, hd] (TransformerLens's)
+        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hd)
+        q0, k0, v = qkv.split([nh, nkv, nkv], dim=2)
+        q, k, v = self.hook_q(q0), self.hook_k(k0), self.hook_v(v)
+        if rope is not None:   # rotate in that layout too: cos/sin (T, hd) or (B, 1, T, hd) -> (.., T, 1, hd)
+            cos, sin = (t.unsqueeze(-2) if t.dim() == 2 else t.transpose(-3, -2) for t in rope)
+            if q is q0 and k is k0:   # no hook replaced them: rotate q and k as one tensor (half the ops)
+                q, k = apply_rope(qkv[:, :, :nh + nkv], cos, sin).split([nh, nkv], dim=2)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # (B, heads, T, hd)
+        full = False           # True: every query may read every key (one new token, nothing cut): no mask
         if kv is not None:     # keys and values of earlier tokens come from the cache
             cache, step = kv
             k, v = cache.store(self.layer, k, v, step)                # (B, nkv, K, hd)
-            attn_mask, q_pos, k_pos = step.allowed, step.positions, step.key_positions
+            attn_mask, q_pos, k_pos, full = step.allowed, step.positions, step.key_positions, step.reads_all
         else:
             q_pos = k_pos = torch.arange(T, device=x.device)
         K = k.shape[2]
@@ -325,8 +338,8 @@ class Attention(nn.Module):
             att = self.hook_attn_scores(att.masked_fill(~allowed, float("-inf")))
             att = self.hook_pattern(att.softmax(dim=-1))
             y = F.dropout(att, p_drop, self.training) @ v             # (B, nh, T, hd)
-        elif bias is None and cfg.window is None and attn_mask is None and T == K:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop, enable_gqa=nkv < nh)
+        elif bias is None and (full or (cfg.window is None and attn_mask is None and T == K)):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=not full, dropout_p=p_drop, enable_gqa=nkv < nh)
         else:
             allowed = self.mask(T, x.device) if attn_mask is None else attn_mask
             mask = allowed if bias is None else torch.zeros(allowed.shape, device=x.device).masked_fill(
@@ -357,8 +370,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            return self.drop(self.down(self.hook_post(F.silu(self.gate(x)) * self.up(x))))
-        return self.drop(self.proj(self.hook_post(self.act(self.fc(x)))))
+            out = self.down(self.hook_post(F.silu(self.gate(x)) * self.up(x)))
+        else:
+            out = self.proj(self.hook_post(self.act(self.fc(x))))
+        return self.drop(out) if self.drop.p else out
 
 
 class MoE(nn.Module):
@@ -465,7 +480,7 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None, attn_mask=None, *, cache: KVCache | None = None,
-                pad_mask: torch.Tensor | None = None):
+                pad_mask: torch.Tensor | None = None, logits_to_keep: int = 0):
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over targets != -100.
 
         ``attn_mask`` (T, T) or (B, 1, T, T) bool, True where query i may read key j, replaces
@@ -473,9 +488,13 @@ class GPT(nn.Module):
         bidirectional over a prefix and causal after it (prefix LM, notebook 11).
         ``cache``: a ``KVCache``; the new tokens ``idx`` continue what it holds (decoding).
         ``pad_mask`` (B, T) bool, with a cache: False marks left padding.
+        ``logits_to_keep``: 0 = logits for every position; n = only the last n (HF's argument): a
+        prefill needs only the last, and skips the (T, vocab) matmul for the others.
         """
         B, T = idx.shape
         cfg = self.cfg
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep with targets: the loss needs the logits of every position")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) for vocab_size={cfg.vocab_size}, got "
                              f"min {int(idx.min())}, max {int(idx.max())}: encode with this model's tokenizer "
@@ -502,15 +521,88 @@ class GPT(nn.Module):
         if cfg.pos == "rope":
             cos, sin = self._rope(int(positions.max()) + 1, x.device)                  # (T_max, hd)
             rope = (cos[:T], sin[:T]) if step is None else (cos[positions][:, None], sin[positions][:, None])
-        x = self.drop(x)
+        x = self.drop(x) if self.drop.p else x
         kv = None if cache is None else (cache, step)
         for block in self.blocks:
             x = block(x, rope, attn_mask, kv)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]                                 # (B, logits_to_keep, C)
         logits = self.lm_head(self.ln_f(x))                            # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @property
+    def has_fused_step(self) -> bool:
+        """Whether ``decode_step`` covers this configuration (Llama style: RoPE, RMSNorm, SwiGLU)."""
+        c = self.cfg
+        return (c.pos, c.norm, c.act, c.ffn, c.attn_impl, c.residual) == ("rope", "rmsnorm", "swiglu", "dense",
+                                                                         "sdpa", True)
+
+    @torch.no_grad()
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """(B, 1) new tokens -> (B, vocab) next-token logits: ``forward(idx, cache=cache)`` for one token,
+        written as one function. Same math, same numbers (tests/test_decode.py), fewer steps between them:
+        no hook point, block, attention or MLP is called as a module (their hooks do not run; the
+        Linear and norm layers are, so quantized layers work), RoPE rotates q and k together, and
+        attention takes no mask when every cached key is readable. At batch 1 a step is ~1,000 small
+        ops around the weight matmuls, each costing microseconds of Python and dispatch: this path
+        measured 10 points closer to the weight-streaming floor than ``forward`` (README, decoding).
+        """
+        if not self.has_fused_step:
+            raise ValueError("decode_step covers Llama-style configs (rope, rmsnorm, swiglu, dense, sdpa); "
+                             "call model(idx, cache=cache) for this one")
+        B, T = idx.shape
+        if T != 1:
+            raise ValueError(f"decode_step takes one new token per row, got idx of shape {tuple(idx.shape)}: "
+                             f"prefill with model(prompt, cache=cache)")
+        nh, nkv, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        step = cache.advance(1)
+        pos = step.positions.clamp(min=0)                                        # (B, 1)
+        cos, sin = self._rope(int(pos.max()) + 1, idx.device)
+        cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]                    # (B, 1, 1, hd)
+        mask = None if step.reads_all else step.allowed                          # (B, 1, 1, K)
+        x = self.wte(idx)                                                        # (B, 1, C)
+        for layer, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            qkv = attn.qkv(block.ln_1(x)).view(B, 1, nh + 2 * nkv, hd)           # (B, 1, heads, hd)
+            q, k = apply_rope(qkv[:, :, :nh + nkv], cos, sin).transpose(1, 2).split([nh, nkv], dim=1)
+            k, v = cache.store(layer, k, qkv[:, :, nh + nkv:].transpose(1, 2), step)   # (B, nkv, K, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv < nh)   # (B, nh, 1, hd)
+            x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, nh * hd))
+            h = block.ln_2(x)
+            x = x + mlp.down(F.silu(mlp.gate(h)) * mlp.up(h))
+        return self.lm_head(self.ln_f(x))[:, -1]                                 # (B, vocab)
+
+    @torch.no_grad()
+    def prepare_for_decode(self, layout: str = "in_out") -> "GPT":
+        """Re-lay every nn.Linear weight in memory as [in, out] (``layout="out_in"`` undoes it); returns self.
+
+        Shapes, names, values and the state dict stay the same: only the strides change, so
+        ``F.linear(x, w)`` = ``x @ w.T`` reads w.T as a contiguous [in, out] matrix. Decoding one
+        token multiplies a single row by every weight once, and that product is bound by reading
+        the weights; MKL streamed SmolLM2's matrices faster in this layout (benchmarks/
+        decode_throughput.py measures both layouts as its floor). A tied lm_head / embedding stays
+        one tensor. Copies each weight once (peak memory + the largest matrix); for inference:
+        training works but was not tuned for this layout.
+
+        >>> m = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8)).prepare_for_decode()
+        >>> m.lm_head.weight.shape, m.lm_head.weight.stride(), m.lm_head.weight is m.wte.weight
+        (torch.Size([11, 8]), (1, 11), True)
+        """
+        if layout not in ("in_out", "out_in"):
+            raise ValueError(f"layout={layout!r}: use 'in_out' (decoding) or 'out_in' (nn.Linear's default)")
+        relaid = {}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in relaid:
+                w = module.weight
+                data = w.t().contiguous().t() if layout == "in_out" else w.contiguous()   # (out, in) either way
+                relaid[id(w)] = nn.Parameter(data, requires_grad=w.requires_grad)
+        for module in self.modules():     # every module holding one of them (a tied embedding too)
+            if isinstance(getattr(module, "weight", None), nn.Parameter) and id(module.weight) in relaid:
+                module.weight = relaid[id(module.weight)]
+        return self
 
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos/sin tables for positions 0..T-1, reused while the tables cover T and device and

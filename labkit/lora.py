@@ -33,7 +33,8 @@ else; SmolLM2 with r on q, k, v, o trains 115,200 * r numbers (tests)::
 
 The base may be a bitsandbytes ``Linear4bit`` (NF4) or ``Linear8bitLt``: it stays frozen and
 quantized, only A and B (kept in fp32, as peft does by default) train. That is QLoRA
-(Dettmers et al. 2023). tests/test_lora.py proves this module equals peft's LoRA: same outputs
+(Dettmers et al. 2023). ``keep_4bit_trainable`` (called by ``add_lora`` and ``load_model``) keeps
+bitsandbytes' CPU inference repacking, which has no backward, away from a 4-bit base. tests/test_lora.py proves this module equals peft's LoRA: same outputs
 and the same gradients on A and B.
 """
 from __future__ import annotations
@@ -141,6 +142,32 @@ class LoRALinear(nn.Module):
 
 # ----------------------------------------------------------------------------- on a model
 
+def keep_4bit_trainable(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer on the path that has a backward pass; return their number.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weight for a fused
+    bf16 inference kernel the first time the layer runs in eval mode on an input without grad
+    (any ``torch.no_grad()`` evaluation), and uses that kernel from then on, in training too. The
+    kernel has no backward: gradients through the frozen base are silently wrong (measured on
+    SmolLM2 after one evaluation: layer-0 LoRA gradients 1e-5 of the true ones, the last layer's
+    off by 3x). It also computes in bf16, so an evaluation before training would not be comparable
+    with one after. This turns the repacking off, so eval and training run the same dequantize
+    + fp32 matmul on every CPU. A layer already repacked is refused: its layout cannot be trusted.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    packed = [m for m in layers if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if packed:
+        raise ValueError(
+            f"{len(packed)} 4-bit layers were already repacked by bitsandbytes for its bf16 CPU inference "
+            f"kernel (a no-grad forward in eval mode does that on CPUs with AVX512-BF16); that kernel has no "
+            f"backward, so LoRA gradients through it would be silently wrong. Fix: load the model with "
+            f"labkit.load_model(..., quantize='nf4') (which keeps the trainable layout), or call "
+            f"labkit.lora.keep_4bit_trainable(model) right after loading, before any forward pass")
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def matches(name: str, target: str) -> bool:
     """Does module ``name`` match ``target``: the same name, a suffix at a dot, or a glob?
 
@@ -174,6 +201,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
     otherwise train nothing).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    keep_4bit_trainable(model)      # a 4-bit base must stay on the path that has a backward (CPU)
     if freeze:
         model.requires_grad_(False)
     wrapped_already = lora_modules(model)
@@ -286,8 +314,8 @@ def save_adapter(model: nn.Module, path, overwrite: bool = False, note: str = ""
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, tensors)`` of a saved adapter, verified against its sha256; else AdapterError."""
     tensors_path, config_path = adapter_paths(path)
-    fix = (f"Fix: save the adapter again from the trained model (save_adapter(model, path, "
-           f"overwrite=True)) or point at another saved adapter")
+    fix = ("Fix: save the adapter again from the trained model (save_adapter(model, path, "
+           "overwrite=True)) or point at another saved adapter")
     try:
         config = json.loads(config_path.read_text())
         if config.get("format") != ADAPTER_FORMAT:
@@ -332,6 +360,7 @@ def load_adapter(model: nn.Module, path) -> list[str]:
         raise AdapterError(f"the model carries LoRA on {len(existing)} layers, the adapter on {len(layers)}. "
                            f"Fix: remove_lora(model) first, or load into a freshly loaded base model")
     if not existing:
+        keep_4bit_trainable(model)
         model.requires_grad_(False)   # as add_lora: only the adapter trains from here on
     for name, spec in layers.items():
         if name not in existing:

@@ -71,33 +71,15 @@ def quantization_config(quantize: str | None, device: torch.device):
                               bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
 
 
-def keep_nf4_trainable_on_cpu(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights into its bf16 CPU inference layout; return how many
-    Linear4bit layers were switched.
-
-    bitsandbytes 0.50, on a CPU with AVX512-BF16 (AMD Zen 4, Intel Xeons with AMX), repacks a ``Linear4bit``'s
-    weight the first time the layer runs in eval mode without grad, and keeps it so: every later forward,
-    training included, runs a bf16 kernel that has no backward. The gradient through the frozen layer is then
-    silently wrong (torch warns "an autograd kernel was not registered ... silently incorrect behavior"), so a
-    QLoRA run that evaluates before or during training stops learning (measured on SmolLM2: the gradients on
-    LoRA's A and B differ from the dequantized fp32 model's by 100%; with the switch off they are equal).
-    The lab computes in fp32 on CPU and evaluates between steps, so ``load_model`` switches it off.
-    """
-    switched = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            switched += 1
-    return switched
-
-
 def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: str | None = None,
                dtype: torch.dtype | None = None, attn_implementation: str = "eager"):
     """Return ``(model, tokenizer)`` in eval mode on the lab's device.
 
     ``name``: ``"smollm2-135m"`` (embedded, offline), a local directory, or any hub id
     (needs hub access or the HF cache). ``quantize``: None | ``"nf4"`` | ``"int8"``.
-    ``dtype``: default fp32 on CPU/MPS, bf16 on CUDA.
+    ``dtype``: default fp32 on CPU/MPS, bf16 on CUDA. An NF4 model on CPU keeps bitsandbytes'
+    dequantize + fp32 path in eval mode too (``labkit.lora.keep_4bit_trainable``): its bf16 CPU
+    inference kernel has no backward, so a model evaluated once could no longer be fine-tuned.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,8 +115,9 @@ def load_model(name: str = DEFAULT_MODEL, quantize: str | None = None, device: s
             hf_logging.enable_progress_bar()
     if qconfig is None:
         model.to(dev)
-    elif dev.type == "cpu":
-        keep_nf4_trainable_on_cpu(model)      # else the first evaluation breaks later training (see there)
+    elif quantize == "nf4" and dev.type == "cpu":
+        from .lora import keep_4bit_trainable
+        keep_4bit_trainable(model)   # the same fp32 path in eval and training (see its docstring)
     model.eval()
     if tokenizer.pad_token is None:  # batching needs one; Llama-family tokenizers often lack it
         tokenizer.pad_token = tokenizer.eos_token

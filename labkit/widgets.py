@@ -22,7 +22,6 @@ import math
 from typing import Callable, Iterable, Sequence
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from .plotting import heatmap, in_batch_run

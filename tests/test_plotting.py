@@ -27,10 +27,16 @@ def test_heatmap_accepts_tensors_and_checks_labels():
 
 def test_plot_curves_smooths_and_labels():
     fig, ax = plt.subplots()
-    plot_curves(ax, {"a": (range(10), np.arange(10.0)), "b": (range(10), np.ones(10))}, smooth=3,
-                logy=True)
-    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
-    assert labels == ["a", "b"] and ax.get_yscale() == "log"
+    zigzag = np.array([0.0, 3.0, 0.0, 3.0, 0.0, 3.0])
+    plot_curves(ax, {"a": (range(6), zigzag), "b": (range(6), np.ones(6))}, smooth=3, logy=True)
+    labelled = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert list(labelled) == ["a", "b"] and ax.get_yscale() == "log"
+    a = labelled["a"]
+    np.testing.assert_allclose(a.get_ydata(), [1.0, 2.0, 1.0, 2.0], err_msg="running mean over 3 points")
+    np.testing.assert_allclose(a.get_xdata(), [2, 3, 4, 5], err_msg="each mean sits at its window's last step")
+    raw = [line for line in ax.get_lines() if line.get_alpha() == 0.25]
+    assert len(raw) == 2 and np.array_equal(raw[0].get_ydata(), zigzag), "the raw curve stays, faint"
+    assert raw[0].get_color() == a.get_color()
 
 
 def test_save_figure_writes_png(tmp_path):

@@ -3,7 +3,6 @@
 and the low-bit linear layers (storage counted exactly, outputs = their fake-quantized model)."""
 import collections
 import copy
-import doctest
 import math
 from pathlib import Path
 
@@ -346,8 +345,3 @@ def test_bad_input_gets_one_clear_error():
         quantize_model(tiny_gpt(), bits=8, exclude=())
     with pytest.raises(ValueError, match="fake_quantize"):
         quantize_model(tiny_gpt(), bits=3)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(quant, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0, f"{result.failed} docstring example(s) in labkit.quant no longer hold"

@@ -1,5 +1,6 @@
 """`make run`'s runner: executed copies + a summary, failures reported, notebooks never overwritten."""
 import json
+import os
 
 import nbformat
 import pytest
@@ -41,3 +42,20 @@ def test_run_refuses_to_write_over_the_notebooks(tmp_path):
     write_notebook(tmp_path / "a.ipynb", "1")
     with pytest.raises(SystemExit):
         runner.main(["--out", str(tmp_path), str(tmp_path / "a.ipynb")])
+
+
+def test_run_sets_the_kernels_environment_without_leaking_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_PROFILE", "full")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("LABKIT_BATCH", raising=False)
+    write_notebook(tmp_path / "env.ipynb", "import os\nfor k in ('LABKIT_PROFILE', 'LABKIT_BATCH', "
+                   "'MPLBACKEND'):\n    print(k, os.environ.get(k))")
+    out = tmp_path / "out"
+    assert runner.main(["--profile", "smoke", "--out", str(out), "--kernel", "python3",
+                        str(tmp_path / "env.ipynb")]) == 0
+    seen = nbformat.read(out / "env.ipynb", as_version=4).cells[1].outputs[0].text.split("\n")
+    assert seen[:2] == ["LABKIT_PROFILE smoke", "LABKIT_BATCH 1"], "the asked profile, in batch mode"
+    assert seen[2].startswith("MPLBACKEND") and "inline" in seen[2], \
+        f"figures need ipykernel's inline backend, not the caller's Agg; the kernel saw {seen[2]}"
+    assert (os.environ["LABKIT_PROFILE"], os.environ["MPLBACKEND"]) == ("full", "Agg")
+    assert "LABKIT_BATCH" not in os.environ, "the runner's settings must not outlive the run"

@@ -5,7 +5,6 @@ to 1e-6, and the set of kept tokens is identical, on random logits and on real S
 next-token logits, including the edges: ties at the k-th value, top_p = 1 and -> 0,
 min_tokens_to_keep, -inf entries and rows, rows with different histories and padding.
 """
-import doctest
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenal
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 import labkit
-from labkit import sampling
 from labkit.sampling import SamplingConfig, greedy, min_p, repetition_penalty, sample, temperature, top_k, top_p
 
 TOL = 1e-6
@@ -232,8 +230,3 @@ def test_sample_frequencies_follow_the_probabilities():
     counts = torch.bincount(torch.cat([sample(probs.log().expand(n, 4), g)]), minlength=4).float()
     # binomial standard error at n = 20000 is <= 0.0036; 5 of them is a generous margin
     assert (counts / n - probs[0]).abs().max() < 0.018, f"frequencies {counts / n} vs {probs[0]}"
-
-
-def test_docstring_examples():
-    result = doctest.testmod(sampling, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0, f"{result.failed} docstring example(s) in labkit.sampling no longer hold"

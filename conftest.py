@@ -1,0 +1,20 @@
+"""The test environment, in one place: `pytest`, `make test` and an IDE's test button all run
+the lab the same way (smoke profile, batch mode, offline).
+
+Set here, when pytest imports this file: before any test module imports labkit or
+transformers (huggingface_hub reads HF_HUB_OFFLINE once, when it is imported), and in
+``os.environ``, so the Jupyter kernels that nbval starts for the notebooks inherit it too.
+The values are set, not defaulted: a LABKIT_PROFILE=full left in a shell would otherwise run
+every notebook test in the full profile.
+"""
+import os
+
+TEST_ENV = {
+    "LABKIT_PROFILE": "smoke",               # tiny sizes: each notebook within its 60 s budget
+    "LABKIT_BATCH": "1",                     # live plots degrade to one static figure
+    "HF_HUB_OFFLINE": "1",                   # no hub traffic: models come from the asset cache
+    "TRANSFORMERS_OFFLINE": "1",
+    "MPLBACKEND": "Agg",                     # no display
+    "PYDEVD_DISABLE_FILE_VALIDATION": "1",   # no debugger "frozen modules" warning in each kernel
+}
+os.environ.update(TEST_ENV)
