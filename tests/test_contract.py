@@ -27,7 +27,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Notebooks converted to the learn-by-doing rules. When every notebook is converted, this
 # becomes every notebook: LEARN_BY_DOING = [p.stem for p in NOTEBOOKS].
-LEARN_BY_DOING = ["03_attention_basics", "05_sampling", "06_kv_cache"]
+LEARN_BY_DOING = ["03_attention_basics", "05_sampling", "06_kv_cache", "A1_qlora_basics", "A2_learning_rate",
+                  "A3_lora_rank"]
 
 CHECK_CALL = re.compile(r"""\bex\.check\(\s*["']([^"']+)["']""")
 VERDICT = re.compile(r"prediction (held|missed|did not hold)", re.IGNORECASE)
