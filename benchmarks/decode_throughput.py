@@ -31,157 +31,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from labkit.decode import generate
+from labkit.decode import (Bounds, hf_stack, labkit_stack, llama_cpp_stack, onnx_model_dir, ort_stack,
+                           weight_matrices)
 from labkit.gpt import GPT
 from labkit.quant import quantize_model
 from labkit.runtime import choose_threads
-
-
-# ----------------------------------------------------------------------------- the bounds
-
-def weight_matrices(hf_model) -> list[torch.Tensor]:
-    """Every matrix a decode step multiplies, as SmolLM2 stores them: 7 per layer, then lm_head."""
-    mats = []
-    for layer in hf_model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-                 m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
-    return [w.detach() for w in mats + [hf_model.lm_head.weight]]
-
-
-class Bounds:
-    """memcpy and the weight-streaming floor in both layouts, on copies of the model's matrices."""
-
-    def __init__(self, mats: list[torch.Tensor]):
-        self.out_in = [w.clone() for w in mats]                         # (out, in): F.linear(x, w)
-        self.in_out = [w.t().contiguous() for w in mats]                # (in, out): x @ w
-        self.nbytes = sum(w.numel() * w.element_size() for w in mats)
-        self.x = {n: torch.randn(1, n) for n in {w.shape[1] for w in mats}}
-        self.src = torch.empty(self.nbytes // 4)
-        self.dst = torch.empty_like(self.src)
-
-    def memcpy_gbs(self) -> float:
-        t0 = time.perf_counter()
-        self.dst.copy_(self.src)
-        return 2 * self.nbytes / (time.perf_counter() - t0) / 1e9      # read + written
-
-    def floor_seconds(self, layout: str) -> float:
-        t0 = time.perf_counter()
-        if layout == "out_in":
-            for w in self.out_in:
-                F.linear(self.x[w.shape[1]], w)
-        else:
-            for w in self.in_out:
-                self.x[w.shape[0]] @ w
-        return time.perf_counter() - t0
-
-    def measure(self, repeats: int = 3) -> dict:
-        """Best of a few repeats each (the floor is a floor: the fastest pass is the one to beat)."""
-        return {"memcpy_gbs": max(self.memcpy_gbs() for _ in range(repeats)),
-                "floor_out_in_s": min(self.floor_seconds("out_in") for _ in range(repeats)),
-                "floor_in_out_s": min(self.floor_seconds("in_out") for _ in range(repeats))}
-
-
-# ----------------------------------------------------------------------------- the stacks
-# Each stack is a function () -> (prefill seconds, decode tokens/s) for one prompt and n_new tokens.
-
-def hf_stack(model, ids: torch.Tensor, n_new: int):
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):          # generate() calls put() with the prompt, then with each new token
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    def run():
-        clock = Clock()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                           do_sample=False, streamer=clock, pad_token_id=model.config.eos_token_id)
-        new = clock.times[1:]
-        return new[0] - t0, (len(new) - 1) / (new[-1] - new[0])
-    return run
-
-
-def labkit_stack(model: GPT, ids: torch.Tensor, n_new: int, fused: bool):
-    def run():
-        out = generate(model, None, ids, n_new, eos_token_id=None, fused=fused)
-        assert len(out.tokens[0]) == n_new
-        return out.prefill_seconds, out.decode_tokens_per_second
-    return run
-
-
-def ort_stack(path: Path, ids: list[int], n_new: int, threads: int):
-    import onnxruntime_genai as og
-    config = og.Config(str(path))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-
-    def run():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + n_new, min_length=len(ids) + n_new, do_sample=False)
-        generator = og.Generator(model, params)
-        t0 = time.perf_counter()
-        generator.append_tokens(ids)
-        times = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            times.append(time.perf_counter())
-        assert len(times) == n_new
-        return times[0] - t0, (n_new - 1) / (times[-1] - times[0])
-    return run
-
-
-def llama_cpp_stack(gguf: Path, ids: list[int], n_new: int, threads: int):
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + n_new + 8, n_batch=len(ids), n_threads=threads,
-                n_threads_batch=threads, verbose=False)
-
-    def run():
-        times = []
-        t0 = time.perf_counter()
-        for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            times.append(time.perf_counter())        # EOS is not checked here: exactly n_new tokens
-            if len(times) == n_new:
-                break
-        return times[0] - t0, (n_new - 1) / (times[-1] - times[0])
-    return run
-
-
-def onnx_model_dir(hf_dir: Path, precision: str) -> Path:
-    """Convert the cached HF checkpoint once (offline, ~30 s) into ~/.cache/llm-lab/onnx-genai/smollm2-135m/
-    <precision>: next to the asset, not inside it (the asset store owns its directory)."""
-    out = hf_dir.parent.parent / "onnx-genai" / hf_dir.parent.name / precision
-    if (out / "genai_config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        built = Path(tmp) / precision
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(built),
-               "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not (built / "genai_config.json").exists():
-            raise RuntimeError(f"the onnxruntime-genai model builder failed: {done.stderr.strip()[-300:]}")
-        shutil.move(str(built), str(out))                   # complete, or not there at all
-    return out
 
 
 # ----------------------------------------------------------------------------- building everything

@@ -652,6 +652,36 @@ class GPT(nn.Module):
         return idx
 
     @classmethod
+    def from_run(cls, path) -> "GPT":
+        """The GPT a ``labkit.train`` run saved, rebuilt from its directory: the config from
+        ``config.json``, the weights from the latest checkpoint (its sha256 checked first, so a
+        damaged file raises ``CheckpointError`` naming the fix instead of loading). In eval mode.
+
+        >>> import tempfile
+        >>> from labkit.runs import Run
+        >>> run = Run.create(tempfile.mkdtemp(), "tiny")
+        >>> model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+        >>> run.write_config(model_config=model.cfg, model_class="GPT")
+        >>> _ = run.save_checkpoint(0, model, torch.optim.AdamW(model.parameters()), torch.Generator(), {})
+        >>> again = GPT.from_run(run.path)
+        >>> again.cfg == model.cfg, all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+        (True, True)
+        """
+        from .runs import CheckpointError, Run, load_checkpoint, restore_model
+        run = Run(path)
+        if not (run.path / "config.json").is_file():
+            raise CheckpointError(f"{run.path} has no config.json: it is not a run directory written by "
+                                  f"labkit.train.train(..., run=...)")
+        config = run.read_config()
+        if config.get("model_class") != "GPT" or not isinstance(config.get("model_config"), dict):
+            raise CheckpointError(f"run {run.path} trained a {config.get('model_class')!r}, not a labkit GPT: "
+                                  f"rebuild that model class from its config.json instead")
+        model = cls(GPTConfig(**config["model_config"]))
+        tensors, _ = load_checkpoint(run.path)
+        restore_model(model, tensors)
+        return model.eval()
+
+    @classmethod
     def from_hf(cls, hf_model) -> "GPT":
         """Copy a Hugging Face Llama, Mistral or Qwen2 causal LM (e.g. SmolLM2) into this class."""
         c = hf_model.config

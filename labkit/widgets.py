@@ -3,6 +3,8 @@
     labkit.explore(draw, layer=(0, 29), head=(0, 8))     # sliders; draw(layer=0, head=0) -> Figure
     labkit.widgets.head_explorer(patterns, tokens)       # attention per layer/head over tokens (B1)
     labkit.widgets.softmax_explorer(weights)             # temperature and 1/sqrt(d) (03)
+    labkit.widgets.tokenizer_playground(tokenizers)      # where each tokenizer cuts a text (01)
+    labkit.widgets.rope_explorer(rope, sinusoidal)       # RoPE's and the sinusoids' clocks (02)
     for batch in labkit.progress(batches, desc="eval"):  # a bar in JupyterLab, silent in batch runs
         ...
 
@@ -220,3 +222,101 @@ def softmax_explorer(weights: Callable, *, n_keys: int = 16, dims: Sequence[int]
         return fig
 
     return explore(draw, live=live, d=dims, temperature=(0.1, 10.0, 0.1), scaled=True)
+
+
+def tokenizer_playground(tokenizers: dict[str, Callable[[str], list[bytes]]], *, text: str = "To be, or not to be",
+                         colours: Sequence[str] = ("#cfe2f3", "#fce5cd", "#d9ead3", "#ead1dc", "#fff2cc", "#d0e0e3"),
+                         width: int = 60, live: bool | None = None) -> Explorer:
+    """Type a text, pick a tokenizer, see where the cuts fall (01).
+
+    ``tokenizers`` maps a name to the notebook's own ``text -> list of token bytes`` (the by-hand
+    BPE, tiktoken, an HF tokenizer). Each token is drawn as a coloured box (spaces as ␣, newlines
+    as ⏎), wrapped at ``width`` characters; the title gives the token count and bytes per token.
+    Controls: a text box and a tokenizer dropdown.
+
+    >>> pg = tokenizer_playground({"bytes": lambda t: [bytes([b]) for b in t.encode()]}, text="hi", live=False)
+    >>> pg.figure.axes[0].get_title(loc="left")
+    'How does bytes cut this text? 2 tokens, 1.00 bytes/token'
+    """
+    if not tokenizers:
+        raise ValueError("tokenizer_playground: give at least one tokenizer {name: text -> list of bytes}")
+    names = list(tokenizers)
+
+    def show(piece: bytes) -> str:
+        return piece.decode("utf-8", errors="backslashreplace").replace(" ", "␣").replace("\n", "⏎")
+
+    def draw(text=text, tokenizer=names[0]):
+        pieces = tokenizers[tokenizer](text)
+        placed, x, y = [], 0.0, 0.0                          # layout in character cells, one row = 1.3
+        for piece in pieces:
+            label = show(piece)
+            if x + len(label) > width and x > 0:
+                x, y = 0.0, y - 1.3
+            placed.append((x, y, label))
+            x += max(1, len(label)) + 0.6
+        rows = round(-y / 1.3) + 1
+        fig, ax = plt.subplots(figsize=(11, 0.7 + 0.42 * rows))
+        for k, (x, y, label) in enumerate(placed):
+            ax.text(x, y, label, family="monospace", fontsize=11, va="center",
+                    bbox=dict(boxstyle="square,pad=0.15", fc=colours[k % len(colours)], ec="#999"))
+        ax.set(xlim=(-0.5, width + 2), ylim=(-1.3 * (rows - 1) - 0.7, 0.7))
+        ax.axis("off")
+        n_bytes = len(text.encode("utf-8"))
+        ax.set_title(f"How does {tokenizer} cut this text? {len(pieces)} tokens, "
+                     f"{n_bytes / max(1, len(pieces)):.2f} bytes/token", loc="left")
+        fig.tight_layout()
+        return fig
+
+    if live is False or (live is None and in_batch_run()):
+        return explore(draw, live=live, tokenizer=names)
+    import ipywidgets as widgets
+    box = widgets.Text(value=text, description="text", continuous_update=False, layout={"width": "90%"})
+    return explore(draw, live=live, text=box, tokenizer=names)
+
+
+def rope_explorer(rope: Callable, sinusoidal: Callable, *, bases: Sequence[float] = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0),
+                  head_dims: Sequence[int] = (16, 32, 64, 128), base: float = 10_000.0, head_dim: int = 64,
+                  max_distance: int = 512, n_vectors: int = 64, seed: int = 0, live: bool | None = None) -> Explorer:
+    """How the base θ and the head size set RoPE's and the sinusoids' clocks (02).
+
+    ``rope(x, base) -> x`` rotates ``x`` (..., T, hd), the row at position p by p·θ_i per pair (the
+    notebook's by-hand RoPE); ``sinusoidal(T, d, base) -> (T, d)`` is its by-hand table. Left: the
+    table (which dimension ticks fast, which barely moves); right: how similar a position is to
+    one Δ tokens away — the sinusoids' p_0·p_Δ / (d/2), and RoPE's q·k for the same random vector
+    placed Δ apart, averaged over ``n_vectors`` (1 at Δ = 0, then falling with ripples).
+    Controls: base θ, head size, maximum distance.
+
+    >>> def rope(x, base):        # a toy 'RoPE' that rotates nothing: similarity stays 1
+    ...     return x
+    >>> def table(T, d, base):
+    ...     return torch.ones(T, d)
+    >>> ex = rope_explorer(rope, table, live=False)
+    >>> ex.values, ex.redraws
+    ({'base': 10000.0, 'head_dim': 64, 'distance': 512}, 1)
+    """
+    if base not in bases or head_dim not in head_dims:
+        raise ValueError(f"rope_explorer: base={base} must be one of {list(bases)} and head_dim={head_dim} one of {list(head_dims)}")
+    g = torch.Generator().manual_seed(seed)
+    vectors = {d: torch.randn(n_vectors, 1, d, generator=g) for d in head_dims}
+
+    def draw(base=base, head_dim=head_dim, distance=max_distance):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.9))
+        table = sinusoidal(distance, head_dim, base)                                   # (T, d)
+        heatmap(left, table.T, title=f"sinusoidal table, base {base:g}, d={head_dim}", cmap="RdBu_r", vmin=-1, vmax=1)
+        left.set_xlabel("position (tokens)"); left.set_ylabel("dimension (fast → slow)")
+        delta = torch.arange(distance)
+        sin_sim = (table[0] * table).sum(-1) / (head_dim / 2)                          # (T,)
+        q = vectors[head_dim]                                                          # (n, 1, d)
+        rotated = rope(q.expand(-1, distance, -1).contiguous(), base)                  # (n, T, d)
+        rope_sim = ((rotated[:, :1] * rotated).sum(-1) / (q * q).sum(-1)).mean(0)      # (T,)
+        right.plot(delta, sin_sim, label="sinusoidal: p₀·p_Δ / (d/2)")
+        right.plot(delta, rope_sim, label="RoPE: q·k, same vector Δ apart")
+        right.axhline(0, color="k", lw=0.8)
+        right.set(xlabel="distance Δ (tokens)", ylabel="similarity (1 at Δ = 0)", ylim=(-1.05, 1.05),
+                  title=f"How fast does position similarity fall? base {base:g}, d={head_dim}")
+        right.legend(frameon=False, fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    return explore(draw, live=live, base=list(bases), head_dim=list(head_dims),
+                   distance=(16, max(16, max_distance), 16))

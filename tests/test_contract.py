@@ -27,8 +27,14 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Notebooks converted to the learn-by-doing rules. When every notebook is converted, this
 # becomes every notebook: LEARN_BY_DOING = [p.stem for p in NOTEBOOKS].
-LEARN_BY_DOING = ["03_attention_basics", "05_sampling", "06_kv_cache", "A1_qlora_basics", "A2_learning_rate",
-                  "A3_lora_rank"]
+LEARN_BY_DOING = ["00_setup_and_tools", "01_tokenization_embeddings", "02_positional_encodings",
+                  "03_attention_basics", "04_transformer_block", "05_sampling", "06_kv_cache",
+                  "07_long_context", "08_mixture_of_experts", "09_grouped_query_attention",
+                  "10_norms_and_activations", "11_pretraining_lab", "12_finetuning_and_rlhf",
+                  "13_scaling_laws", "15_inference_stacks", "16_synthetic_data", "A1_qlora_basics",
+                  "A2_learning_rate", "A3_lora_rank", "A4_forgetting",
+                  "A5_optimizer_state", "B1_attention_patterns", "C1_residual_stream_probing",
+                  "D1_bayesian_wind_tunnel", "D2_bayesian_geometry"]
 
 CHECK_CALL = re.compile(r"""\bex\.check\(\s*["']([^"']+)["']""")
 VERDICT = re.compile(r"prediction (held|missed|did not hold)", re.IGNORECASE)

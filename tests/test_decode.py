@@ -204,3 +204,32 @@ def test_bad_calls_fail_with_one_clear_error(smollm2):
     with pytest.raises(ValueError, match="fused=True needs a Llama-style GPT"):
         generate(gpt2, None, [[1, 2]], 4, fused=True)
     assert generate(gpt2, None, [[1, 2]], 4, eos_token_id=None).finish_reasons == ["length"]
+
+
+# ----------------------------------------------------------------------------- how fast: bounds and stacks
+
+def test_bounds_and_stacks_time_a_tiny_llama_and_reuse_a_finished_onnx_conversion(tmp_path):
+    """The speed helpers the benchmark and notebooks 14/15 share: every decode-step matrix is found,
+    the bounds and the HF / labkit stacks return positive timings, and a converted ONNX model is reused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from labkit.decode import Bounds, hf_stack, labkit_stack, onnx_model_dir, weight_matrices
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      eos_token_id=2)).eval()
+    mats = weight_matrices(hf)
+    assert len(mats) == 7 * 2 + 1 and mats[-1] is not None
+    bounds = Bounds(mats)
+    assert bounds.nbytes == sum(p.numel() * 4 for p in mats)
+    measured = bounds.measure(repeats=1)
+    assert all(v > 0 for v in measured.values()), measured
+    ids = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    for run in (hf_stack(hf, ids, 4), hf_stack(hf, ids, 4, cache_implementation="static"),
+                labkit_stack(GPT.from_hf(hf).prepare_for_decode(), ids, 4, fused=True)):
+        prefill_s, tokens_per_s = run()
+        assert prefill_s > 0 and tokens_per_s > 0
+    hf_dir = tmp_path / "cache" / "tiny-asset" / "hf"
+    done = tmp_path / "cache" / "onnx-genai" / "tiny-asset" / "int4"
+    done.mkdir(parents=True)
+    (done / "genai_config.json").write_text("{}")
+    assert onnx_model_dir(hf_dir, "int4") == done          # no second conversion

@@ -308,3 +308,33 @@ def test_from_hf_equals_tiny_random_qwen2_and_mistral(kind):
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
     assert diff < 1e-5, f"{kind}: logits differ by {diff:.2e}"
+
+
+def test_from_run_rebuilds_a_trained_gpt_and_refuses_a_damaged_or_foreign_run(tmp_path):
+    from labkit.runs import CheckpointError, Run
+    from labkit.train import TrainConfig, train
+
+    class Data:                                            # any token stream will do
+        def batch(self, split, batch_size, block_size, generator):
+            x = torch.randint(0, 97, (batch_size, block_size + 1), generator=generator)
+            return x[:, :-1], x[:, 1:]
+
+    cfg = replace(TINY, pos="rope", bias=True, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    run = Run.create(tmp_path, "gpt")
+    train(model, Data(), TrainConfig(steps=3, batch_size=2, block_size=16, eval_every=3, eval_batches=1), run=run)
+    again = GPT.from_run(run.path)
+    assert again.cfg == cfg and not again.training
+    ids = tokens(T=16)
+    assert torch.equal(again(ids)[0], model.eval()(ids)[0]), "the rebuilt GPT must compute what was trained"
+    weights = next(run.checkpoint_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
+    with pytest.raises(CheckpointError, match="damaged.*earlier"):
+        GPT.from_run(run.path)
+    other = Run.create(tmp_path, "lstm")
+    other.write_config(model_config={"d_hidden": 8}, model_class="LSTMBaseline")
+    with pytest.raises(CheckpointError, match="'LSTMBaseline', not a labkit GPT"):
+        GPT.from_run(other.path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        GPT.from_run(Run.create(tmp_path, "empty").path)

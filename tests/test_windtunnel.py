@@ -1,17 +1,27 @@
-"""The wind tunnel's ground truth must be exactly right: every model is graded against it."""
+"""Track D's wind tunnel: the exact posterior every model is graded against, the data the lab's
+training loop reads, the calibration metrics, and the lab's GPT learning the task and coming back
+from its run directory."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
-from labkit.windtunnel import (TunnelConfig, TunnelLSTM, TunnelMLP, TunnelTransformer, apply_rope,
-                               bayes_posterior, entropy_bits, kl_bits, make_batch, rope_cos_sin,
-                               to_tokens, value_logits)
+from labkit import windtunnel as wt
+from labkit.gpt import GPT, GPTConfig
+from labkit.runs import CheckpointError, Run
+from labkit.train import TrainConfig, train
+from labkit.windtunnel import bayes_posterior, entropy_bits, kl_bits, make_batch, to_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
+
+# ----------------------------------------------------------------------------- the exact posterior
 
 @pytest.mark.parametrize("p_repeat", [0.0, 0.4])
 def test_values_follow_one_bijection_per_sequence(p_repeat):
@@ -81,78 +91,114 @@ def test_tokens_interleave_keys_and_values():
     assert toks.tolist() == [[1, 6, 0, 7]]
 
 
-@pytest.mark.parametrize("kind", ["transformer", "mlp", "lstm"])
-def test_models_emit_value_logits_at_key_positions(kind):
-    cfg = TunnelConfig(n_keys=6, n_pairs=5, n_layer=1, n_head=2, d_model=16, d_mlp=32)
-    model = {"transformer": lambda: TunnelTransformer(cfg), "mlp": lambda: TunnelMLP(cfg, 32),
-             "lstm": lambda: TunnelLSTM(cfg, 16)}[kind]()
-    keys, vals = make_batch(3, 6, n_pairs=5, generator=gen())
-    cache = {}
-    out = value_logits(model, keys, vals, cache=cache)
-    assert out.shape == (3, 5, 6), f"expected (B, L, V) = (3, 5, 6), got {tuple(out.shape)}"
-    if kind == "transformer":
-        assert cache["blocks.0.attn.hook_pattern"].shape == (3, 2, 10, 10)
-        assert torch.allclose(model.lens(cache["blocks.0.hook_resid_post"])[:, 0::2], out)
+# ----------------------------------------------------------------------------- the data
+
+def test_data_scores_only_the_value_after_each_key():
+    data = wt.WindTunnel(n_keys=6)
+    x, y = data.batch("train", 32, data.block_size, gen())
+    assert x.shape == y.shape == (32, 10) and data.vocab_size == 12
+    assert (y[:, 1::2] == -100).all(), "positions holding a value (predicting the next key) must not be scored"
+    assert torch.equal(y[:, 0::2], x[:, 1::2]), "at a key the target is the next token: its value"
+    assert (y[:, 0::2] >= 6).all(), "targets are value tokens (ids V..2V-1)"
+    x2, _ = data.batch("train", 32, data.block_size, gen())
+    x3, _ = data.batch("train", 32, data.block_size, gen(1))
+    assert torch.equal(x, x2) and not torch.equal(x, x3), "fresh sequences per generator state, seeded"
 
 
-def test_transformer_is_causal():
-    cfg = TunnelConfig(n_keys=6, n_pairs=5, n_layer=2, n_head=2, d_model=16, d_mlp=32)
-    model = TunnelTransformer(cfg).eval()
-    keys, vals = make_batch(2, 6, n_pairs=5, generator=gen())
-    toks = to_tokens(keys, vals, 6)
-    changed = toks.clone()
-    changed[:, -1] = (changed[:, -1] - 6 + 1) % 6 + 6                           # alter the last value
+def test_data_mixes_repeats_into_the_last_rows_and_checks_block_size():
+    data = wt.WindTunnel(n_keys=8, p_repeat=0.5, mix_repeat=0.5)
+    keys, _ = data.sample(200, gen())
+    n_distinct = torch.tensor([len(set(k)) for k in keys.tolist()])
+    assert (n_distinct[:100] == 7).all(), "the first half must never repeat a key"
+    assert (n_distinct[100:] < 7).float().mean() > 0.9, "the second half repeats keys"
+    with pytest.raises(ValueError, match="block_size=data.block_size"):
+        data.batch("train", 4, 16, gen())
+    with pytest.raises(ValueError, match="p_repeat"):
+        wt.WindTunnel(n_keys=4, n_pairs=6)
+
+
+# ----------------------------------------------------------------------------- grading
+
+class Oracle(nn.Module):
+    """Reads the tokens and outputs the exact posterior's log-probabilities: a perfect model."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.cfg = GPTConfig(vocab_size=2 * V, n_layer=1, n_head=1, n_embd=8)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None):
+        V = self.cfg.vocab_size // 2
+        keys, vals = idx[:, 0::2], idx[:, 1::2] - V
+        logits = torch.zeros(*idx.shape, 2 * V)
+        logits[:, 0::2, V:] = bayes_posterior(keys, vals, V).clamp_min(1e-30).log()
+        return logits, None
+
+
+def test_calibration_is_zero_for_bayes_and_the_floor_for_a_uniform_model():
+    V = 8
+    keys, vals = make_batch(256, V, generator=gen())
+    perfect = wt.calibration(Oracle(V), keys, vals)
+    assert perfect["calib_err"] < 1e-5 and perfect["kl"] < 1e-5, perfect
+    blind = GPT(GPTConfig(vocab_size=2 * V, block_size=2 * (V - 1), n_layer=1, n_head=1, n_embd=8))
     with torch.no_grad():
-        assert torch.allclose(model(toks)[:, :-1], model(changed)[:, :-1], atol=1e-6), \
-            "a later token must not change earlier predictions"
+        blind.lm_head.weight.zero_()                                  # every logit 0: uniform over values
+    m = wt.calibration(blind, keys, vals)
+    floor = sum(math.log2(V) - math.log2(V - t) for t in range(V - 1)) / (V - 1)
+    assert abs(m["calib_err"] - floor) < 1e-5 and abs(m["kl"] - floor) < 1e-5, (m, floor)
+    assert m["err_t"].shape == m["kl_t"].shape == (V - 1,) and m["err_t"][0] < 1e-5, "t = 0: uniform is Bayes"
 
 
-def test_rope_scores_depend_only_on_the_offset():
-    # RoPE rotates q and k by angles proportional to their positions, so q_t . k_s sees t - s only
-    T, d = 12, 8
-    cos, sin = rope_cos_sin(T, d)                                               # (T, d) each
-    q, k = torch.randn(d, generator=gen(7)), torch.randn(d, generator=gen(8))
-    qs, ks = apply_rope(q.expand(T, d), cos, sin), apply_rope(k.expand(T, d), cos, sin)   # (T, d)
-    scores = qs @ ks.T                                                          # (T, T) [t, s]
-    for off in range(-3, 4):
-        diag = scores.diagonal(-off)                                            # all (t, t - off)
-        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-5), f"offset {off}: {diag}"
-    assert not torch.allclose(scores.diagonal(0)[0], scores.diagonal(-1)[0]), "offsets must matter"
-    assert torch.allclose(qs.norm(dim=-1), q.norm().expand(T)), "a rotation keeps the norm"
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_baselines_speak_the_gpt_interface(kind):
+    data = wt.WindTunnel(n_keys=6)
+    cfg = wt.BaselineConfig(vocab_size=data.vocab_size, block_size=data.block_size, n_embd=8, d_hidden=16)
+    model = {"mlp": wt.MLPBaseline, "lstm": wt.LSTMBaseline}[kind](cfg)
+    x, y = data.batch("train", 3, data.block_size, gen())
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 10, 12) and loss.ndim == 0
+    keys, vals = data.sample(3, gen())
+    assert wt.value_logits(model, keys, vals).shape == (3, 5, 6), "(B, L, V): value logits at key positions"
 
 
-def test_rope_matches_transformers_llama():
-    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
-    T, d = 10, 16
-    cos, sin = rope_cos_sin(T, d)
-    q, k = torch.randn(1, 2, T, d, generator=gen(1)), torch.randn(1, 2, T, d, generator=gen(2))
-    hq, hk = llama.apply_rotary_pos_emb(q, k, cos[None], sin[None])
-    assert torch.allclose(hq, apply_rope(q, cos, sin), atol=1e-6), "q rotation differs from Llama's"
-    assert torch.allclose(hk, apply_rope(k, cos, sin), atol=1e-6), "k rotation differs from Llama's"
-
-
-def test_rope_transformer_has_no_position_table_and_is_causal():
-    cfg = TunnelConfig(n_keys=6, n_pairs=5, n_layer=2, n_head=2, d_model=16, d_mlp=32, pos="rope")
-    model = TunnelTransformer(cfg).eval()
-    assert model.pos_emb is None, "RoPE puts positions into attention, not into the residual"
-    toks = to_tokens(*make_batch(2, 6, n_pairs=5, generator=gen()), 6)         # (2, 10)
-    changed = toks.clone()
-    changed[:, -1] = (changed[:, -1] - 6 + 1) % 6 + 6
-    with torch.no_grad():
-        assert torch.allclose(model(toks)[:, :-1], model(changed)[:, :-1], atol=1e-6)
-
-
-def test_checkpoint_round_trips_and_a_damaged_one_names_the_fix(tmp_path):
-    from labkit.runs import CheckpointError
-    from labkit.windtunnel import load_checkpoint, save_checkpoint
+def test_a_tiny_gpt_learns_the_task_and_comes_back_from_its_run(tmp_path):
     torch.manual_seed(0)
-    model = TunnelTransformer(TunnelConfig(n_keys=6, n_pairs=5, n_layer=1, n_head=2, d_model=16, d_mlp=32))
-    path = tmp_path / "run" / "transformer.pt"
-    save_checkpoint(path, model, history={"steps_done": 3})
-    assert sorted(p.name for p in path.parent.iterdir()) == ["transformer.pt"], "no temporary file may remain"
-    loaded, extra = load_checkpoint(path)
-    assert extra["history"]["steps_done"] == 3
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    path.write_bytes(path.read_bytes()[:100])                       # a truncated file
-    with pytest.raises(CheckpointError, match="delete it and re-run D1"):
-        load_checkpoint(path)
+    data = wt.WindTunnel(n_keys=6)
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=data.block_size, n_layer=1, n_head=1,
+                          n_embd=32, pos="learned", bias=True, tie_embeddings=False))
+    calib = wt.Calibration(data, n_sequences=512)
+    run = Run.create(tmp_path, "tunnel")
+    cfg = TrainConfig(steps=200, batch_size=32, block_size=data.block_size, lr=1e-2, min_lr=1e-3,
+                      warmup_steps=10, eval_every=100, eval_batches=2)
+    history = train(model, data, cfg, callbacks=[calib], run=run)
+    steps, errs = history.series("calib_err")
+    assert steps == [0, 99, 199] and len(history.series("kl")[1]) == 3, "the callback logs at every evaluation"
+    floor = sum(math.log2(6) - math.log2(6 - t) for t in range(5)) / 5               # 0.69 bits for V = 6
+    assert errs[0] > 0.8 * floor, f"an untrained model sits near the context-blind floor {floor:.2f}, got {errs[0]:.3f}"
+    assert errs[-1] < 0.6 * floor, f"200 steps must take the error well below the floor {floor:.2f}: {errs}"
+    logged = [r for r in run.rows() if "calib_err" in r]
+    assert [r["calib_err"] for r in logged] == errs, "metrics.jsonl holds the calibration metrics"
+
+    again = GPT.from_run(run.path)                                   # config.json + safetensors, sha256-checked
+    assert wt.calibration(again, calib.keys, calib.vals)["calib_err"] == pytest.approx(errs[-1], abs=1e-6)
+    weights = next(run.checkpoint_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])                 # a truncated copy
+    with pytest.raises(CheckpointError, match=r"missing or damaged.*earlier step_"):
+        GPT.from_run(run.path)
+
+
+def test_baselines_train_through_the_lab_loop():
+    torch.manual_seed(0)
+    data = wt.WindTunnel(n_keys=6)
+    model = wt.LSTMBaseline(wt.BaselineConfig(vocab_size=data.vocab_size, block_size=data.block_size,
+                                              n_embd=16, d_hidden=32, n_hidden=1))
+    history = train(model, data, TrainConfig(steps=30, batch_size=16, block_size=data.block_size, lr=1e-2,
+                                             eval_every=30, eval_batches=1))
+    assert history["loss"][-1] < history["loss"][0], f"the LSTM's loss must fall: {history['loss'][::10]}"
+
+
+def test_no_checkpoint_is_unpickled_anywhere():
+    flag = "weights_only" + "=False"                  # unpickling runs code from the file
+    hits = [str(p.relative_to(ROOT)) for folder in ("labkit", "tests", "notebooks", "benchmarks")
+            for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".ipynb") and flag in p.read_text()]
+    assert not hits, f"{flag} in {hits}: save with labkit.runs (safetensors + sha256) instead"

@@ -274,6 +274,22 @@ WIDGETS = {
                          "labkit.widgets.softmax_explorer(lambda q, k, scale: (q @ k.transpose(-2, -1) * scale).softmax(-1),"
                          " n_rows=16)",
                          ("d", "temperature", "scaled")),
+    "tokenizer_playground": ("import labkit\n"
+                             "labkit.widgets.tokenizer_playground({'bytes': lambda t: [bytes([b]) for b in t.encode()],"
+                             " 'words': lambda t: [w.encode() for w in t.split(' ')]}, text='to be or not')",
+                             ("tokenizer",)),
+    "rope_explorer": ("import torch, labkit\n"
+                      "def rope(x, base):\n"
+                      "    T, hd = x.shape[-2:]\n"
+                      "    ang = torch.arange(T)[:, None] * base ** (-torch.arange(0, hd, 2) / hd)\n"
+                      "    a, b = x[..., :hd // 2], x[..., hd // 2:]\n"
+                      "    return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)\n"
+                      "def table(T, d, base):\n"
+                      "    w = base ** (-torch.arange(0, d, 2) / d)\n"
+                      "    p = torch.arange(T)[:, None]\n"
+                      "    return torch.stack([torch.sin(p * w), torch.cos(p * w)], -1).reshape(T, d)\n"
+                      "labkit.widgets.rope_explorer(rope, table, max_distance=128)",
+                      ("base", "head_dim", "distance")),
 }
 
 
