@@ -18,3 +18,23 @@ TEST_ENV = {
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",   # no debugger "frozen modules" warning in each kernel
 }
 os.environ.update(TEST_ENV)
+
+
+# Where the time goes, per file: nbval reports one item per notebook cell, so pytest's own
+# --durations cannot say which notebook is slow. The budget is 60 s per notebook in smoke.
+_seconds_per_file: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _seconds_per_file:
+        return
+    slowest = sorted(_seconds_per_file.items(), key=lambda kv: -kv[1])
+    terminalreporter.write_sep("=", f"seconds per file (slowest 15 of {len(slowest)}; "
+                                    f"total {sum(_seconds_per_file.values()):.0f} s)")
+    for path, seconds in slowest[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
