@@ -34,7 +34,13 @@ def pytest_terminal_summary(terminalreporter):
     if not _seconds_per_file:
         return
     slowest = sorted(_seconds_per_file.items(), key=lambda kv: -kv[1])
-    terminalreporter.write_sep("=", f"seconds per file (slowest 15 of {len(slowest)}; "
+    terminalreporter.write_sep("=", f"seconds per file (slowest 25 of {len(slowest)}; "
                                     f"total {sum(_seconds_per_file.values()):.0f} s)")
-    for path, seconds in slowest[:15]:
+    for path, seconds in slowest[:25]:
         terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+
+
+def pytest_collection_modifyitems(items):
+    """The browser tests last: their JupyterLab server and Chromium live for the rest of the session
+    (session fixtures), and started first they would share the CPU with every notebook test after them."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/ui/"))   # stable: the order is kept otherwise
